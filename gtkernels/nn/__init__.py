@@ -1,0 +1,1 @@
+"""Model layers built on the gtkernels ops."""

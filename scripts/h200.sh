@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The one H200 job: build for sm_90a with every core, run the GPU tests, run the benchmarks,
+# and leave logs and results in OUT_DIR.
+#
+#   bash scripts/h200.sh OUT_DIR [STEP ...]
+#   STEP: build test bench wheel sanitize (default: build test bench)
+#   BENCH_ARGS="--family codebook" narrows the bench; PYTEST_ARGS adds pytest options.
+#
+# OUT_DIR receives log.txt (everything), and bench/results.json + one PNG per family.
+set -uo pipefail
+OUT=${1:?usage: scripts/h200.sh OUT_DIR [STEP ...]}
+shift
+STEPS=${*:-build test bench}
+mkdir -p "$OUT/bench"
+LOG="$OUT/log.txt"
+cd "$(dirname "$0")/.."
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export PYTHONUNBUFFERED=1
+status=0
+step() { echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
+run() { "$@" 2>&1 | tee -a "$LOG"; local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || status=$rc; return "$rc"; }
+
+for s in $STEPS; do
+  case $s in
+    build)
+      step build
+      run python3 -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; exit 1; }
+      run python3 -c "import gtkernels, torch; print(gtkernels.build_info()); print(torch.cuda.get_device_name())"
+      run cuobjdump --list-elf gtkernels/_C*.so ;;
+    test)
+      step gpu tests
+      run python3 -m pytest -q -m gpu tests ${PYTEST_ARGS:-} ;;
+    bench)
+      step bench
+      run python3 -m bench --out "$OUT/bench" ${BENCH_ARGS:-} ;;
+    wheel)
+      step wheel
+      rm -rf /tmp/gtk-wheel /tmp/gtk-venv
+      run python3 -m pip wheel --no-build-isolation --no-deps . -w /tmp/gtk-wheel
+      run python3 -m venv --system-site-packages /tmp/gtk-venv
+      run /tmp/gtk-venv/bin/pip install --no-deps /tmp/gtk-wheel/*.whl
+      (cd /tmp && run /tmp/gtk-venv/bin/python -c "import gtkernels as gk, torch; print(gk.__file__, gk.build_info()['version']); print(gk.sign_hash(torch.randn(2, 8, device='cuda'), 4))") ;;
+    sanitize)
+      step compute-sanitizer memcheck
+      run compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m gpu tests ${PYTEST_ARGS:-} ;;
+    *) echo "unknown step $s"; exit 2 ;;
+  esac
+done
+step "done, status $status"
+exit $status
