@@ -37,7 +37,10 @@ for s in $STEPS; do
       step wheel
       rm -rf /tmp/gtk-wheel /tmp/gtk-venv
       run python3 -m pip wheel --no-build-isolation --no-deps . -w /tmp/gtk-wheel
-      run python3 -m venv --system-site-packages /tmp/gtk-venv
+      # A fresh venv that sees the machine's torch (itself in a venv) through a .pth line.
+      run python3 -m venv /tmp/gtk-venv
+      python3 -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))" \
+        > "$(/tmp/gtk-venv/bin/python -c 'import site; print(site.getsitepackages()[0])')/machine_torch.pth"
       run /tmp/gtk-venv/bin/pip install --no-deps /tmp/gtk-wheel/*.whl
       (cd /tmp && run /tmp/gtk-venv/bin/python -c "import gtkernels as gk, torch; print(gk.__file__, gk.build_info()['version']); print(gk.sign_hash(torch.randn(2, 8, device='cuda'), 4))") ;;
     sanitize)

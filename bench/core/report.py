@@ -44,11 +44,13 @@ def table(rows):
 
 
 def environment(device, quick):
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip() or None
-    except OSError:
-        commit = None
+    commit = os.environ.get("GTK_COMMIT")  # set by whoever copies a tree without .git
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, check=False).stdout.strip() or None
+        except OSError:
+            commit = None
     try:
         import triton
         triton_version = triton.__version__
