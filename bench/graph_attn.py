@@ -82,7 +82,7 @@ def mesh300k_shuffled(device, quick):
 @problem(FAMILY, "powerlaw1m", grads=GRADS, compare=max_rel_err,
          note="1M nodes, 16M edges, dst ~ r^-1.1 (hub of ~2M in-edges), H=4, D=32")
 def powerlaw1m(device, quick):
-    n, e = (4000, 64000) if quick else (1000000, 16000000)
+    n, e = (2000, 32000) if quick else (1000000, 16000000)
     return attention_problem(power_law_edge_index(n, e, device), n, 4, 32, device)
 
 

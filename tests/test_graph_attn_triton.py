@@ -8,7 +8,7 @@ import gtkernels as gk
 from gtkernels.reference import graph_attn as ref
 from gtkernels.triton import HAS_TRITON, interpreting
 from graph_cases import attention_inputs, random_edge_index
-from utils import assert_within_tolerance, poison_like
+from utils import assert_within_tolerance
 
 pytestmark = pytest.mark.skipif(
     not HAS_TRITON or not (interpreting() or torch.cuda.is_available()),
@@ -19,9 +19,9 @@ def _device():
     return "cpu" if interpreting() else "cuda"
 
 
-def launch(g, inputs, edge_index, grad_out, scale, chunk):
+def launch(g, inputs, grad_out, scale, chunk):
     """Forward and backward launchers on per-edge tensors in construction order."""
-    from gtkernels.triton.graph_attn import graph_attention_forward
+    from gtkernels.triton.graph_attn import LaunchConfig, graph_attention_forward
     from gtkernels.triton.graph_attn_bwd import graph_attention_backward
 
     q, k, v, edge_bias, edge_attr = inputs
@@ -29,9 +29,10 @@ def launch(g, inputs, edge_index, grad_out, scale, chunk):
     bias = None if edge_bias is None else edge_bias[perm]
     attr = None if edge_attr is None else edge_attr[perm]
     graph = (g.indptr, g.indices, g.csc_indptr, g.csc_indices, g.csc_edge_ids)
-    out, lse = graph_attention_forward(*graph, q, k, v, bias, attr, scale, chunk=chunk)
+    config = LaunchConfig(chunk=chunk)
+    out, lse = graph_attention_forward(*graph, q, k, v, bias, attr, scale, config)
     dq, dk, dv, d_bias, d_attr = graph_attention_backward(
-        grad_out, None, q, k, v, out, lse, *graph, bias, attr, scale, chunk=chunk)
+        grad_out, None, q, k, v, out, lse, *graph, bias, attr, scale, config)
     inverse = torch.argsort(perm)
     d_bias = None if edge_bias is None else d_bias[inverse]
     d_attr = None if edge_attr is None else d_attr[inverse]
@@ -51,7 +52,7 @@ def test_triton_kernels_match_reference(dtype, h, d, features):
                               attr=features)
     grad_out = torch.randn(n, h, d, device=device, dtype=dtype)
     scale = 0.7 * d ** -0.5
-    out, lse, grads = launch(g, inputs, edge_index, grad_out, scale, chunk=4)
+    out, lse, grads = launch(g, inputs, grad_out, scale, chunk=4)
 
     def reference(as_dtype):
         leaves = [None if t is None else t.to(as_dtype).requires_grad_(True) for t in inputs]
@@ -73,12 +74,12 @@ def test_triton_kernels_match_reference(dtype, h, d, features):
 
 def test_triton_empty_rows_and_no_edges():
     device = _device()
-    from gtkernels.triton.graph_attn import graph_attention_forward
+    from gtkernels.triton.graph_attn import LaunchConfig, graph_attention_forward
 
     g = gk.Graph.from_edge_index(torch.zeros(2, 0, dtype=torch.int64, device=device), 5)
     q = torch.randn(5, 2, 8, device=device)
     graph = (g.indptr, g.indices, g.csc_indptr, g.csc_indices, g.csc_edge_ids)
-    out, lse = graph_attention_forward(*graph, q, q, q, None, None, 0.5, chunk=4)
+    out, lse = graph_attention_forward(*graph, q, q, q, None, None, 0.5, LaunchConfig(chunk=4))
     assert bool((out == 0).all()) and bool((lse == float("-inf")).all())
 
 
@@ -89,8 +90,7 @@ def test_triton_backward_is_deterministic():
     g = gk.Graph.from_edge_index(edge_index, num_nodes=n)
     inputs = attention_inputs(n, e + hub, 2, 16, device=device, bias=True, attr=True)
     grad_out = torch.randn(n, 2, 16, device=device)
-    first = launch(g, inputs, edge_index, grad_out, 0.25, chunk=4)[2]
-    again = launch(g, inputs, edge_index, poison_like(grad_out).copy_(grad_out), 0.25,
-                   chunk=4)[2]
+    first = launch(g, inputs, grad_out, 0.25, chunk=4)[2]
+    again = launch(g, inputs, grad_out.clone(), 0.25, chunk=4)[2]
     for a, b in zip(first, again):
         assert torch.equal(a, b)

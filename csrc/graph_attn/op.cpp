@@ -14,8 +14,9 @@ TORCH_LIBRARY_FRAGMENT(gtkernels, m) {
       "graph_attention(Tensor indptr, Tensor indices, Tensor csc_indptr, Tensor csc_indices, "
       "Tensor csc_edge_ids, Tensor q, Tensor k, Tensor v, Tensor? edge_bias, "
       "Tensor? edge_attr, float scale) -> (Tensor, Tensor)");
-  // Gradients of graph_attention. Returns dq, dk, dv [N, H, D], d_edge_bias [E, H] and d_edge_attr [E, H, D]
-  // (both [0] when the corresponding input is None).
+  // Gradients of graph_attention (grad_lse: gradient of lse, None when lse was not used).
+  // Returns dq, dk, dv [N, H, D], d_edge_bias [E, H] and d_edge_attr [E, H, D] (both [0]
+  // when the corresponding input is None).
   m.def(
       "graph_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, "
       "Tensor v, Tensor out, Tensor lse, Tensor indptr, Tensor indices, Tensor csc_indptr, "

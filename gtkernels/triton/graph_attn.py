@@ -5,16 +5,28 @@ walks the segment's edges gathering the contiguous [H, D] rows k_j, v_j, and kee
 softmax in fp32 (scores in log2 units). Segments of hub rows write (m, l, acc) partials that
 `_softmax_combine_kernel` merges in segment order.
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from .graph_schedule import segment_schedule
+from .graph_schedule import cached_segment_schedule
 
 LOG2E = 1.4426950408889634
-CHUNK = 256         # edges per segment: bounds the loop of one program, splits hubs
-TILE_ELEMS = 2048   # BLOCK_S * BLOCK_H * BLOCK_D per program
-COMBINE_PARTS = 16  # partials merged per step of a combine
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tuning knobs of the graph-attention kernels."""
+    chunk: int = 512          # edges per segment: bounds the loop of one program, splits hubs
+    fwd_tile: int = 2048      # BLOCK_S * BLOCK_H * BLOCK_D of a forward program
+    bwd_tile: int = 1024      # the same for the backward passes
+    combine_tile: int = 4096  # BLOCK_P * BLOCK_H * BLOCK_D: partials merged per combine step
+    num_warps: int = 4
+
+
+DEFAULT_CONFIG = LaunchConfig()
 
 
 @triton.jit
@@ -137,16 +149,16 @@ def _softmax_combine_kernel(split_row, seg_count, part_end, part_m, part_l, part
     tl.store(lse + row * H + hs, lse_row, mask=live & (hs < H))
 
 
-def block_sizes(heads, dim, tile_elems=TILE_ELEMS):
+def block_sizes(heads, dim, tile_elems):
     """(BLOCK_S, BLOCK_H, BLOCK_D): all heads and dims of BLOCK_S segments per program."""
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(dim)
     return max(1, tile_elems // (block_h * block_d)), block_h, block_d
 
 
 def graph_attention_forward(indptr, indices, csc_indptr, csc_indices, csc_edge_ids, q, k, v,
-                            edge_bias, edge_attr, scale, chunk=CHUNK):
+                            edge_bias, edge_attr, scale, config=DEFAULT_CONFIG):
     """The CUDA kernel of torch.ops.gtkernels.graph_attention (same arguments and results);
-    `chunk`: edges per segment (small values let tests split rows at small sizes)."""
+    `config`: LaunchConfig (tests use a small chunk to split rows at small sizes)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     n, h, d = q.shape
     out = torch.empty_like(q)
@@ -154,8 +166,8 @@ def graph_attention_forward(indptr, indices, csc_indptr, csc_indices, csc_edge_i
                       dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     if n == 0 or h == 0:
         return out, lse
-    sched = segment_schedule(indptr, indices.numel(), chunk)
-    block_s, block_h, block_d = block_sizes(h, d)
+    sched = cached_segment_schedule(indptr, indices.numel(), config.chunk)
+    block_s, block_h, block_d = block_sizes(h, d, config.fwd_tile)
     part_m = torch.empty((sched.num_partials, h), device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((sched.num_partials, h, d), device=q.device, dtype=torch.float32)
@@ -166,9 +178,11 @@ def graph_attention_forward(indptr, indices, csc_indptr, csc_indices, csc_edge_i
         indptr, indices, q, k, v, bias, attr, out, lse, part_m, part_l, part_acc,
         sched.seg_row, sched.seg_count, sched.seg_end, sched.part_end, n, sched.num_segments,
         scale * LOG2E, H=h, D=d, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d,
-        CHUNK=chunk, HAS_BIAS=edge_bias is not None, HAS_ATTR=edge_attr is not None)
+        CHUNK=config.chunk, HAS_BIAS=edge_bias is not None, HAS_ATTR=edge_attr is not None,
+        num_warps=config.num_warps)
     if sched.num_split > 0:
         _softmax_combine_kernel[(sched.num_split,)](
             sched.split_row, sched.seg_count, sched.part_end, part_m, part_l, part_acc, out, lse,
-            n, H=h, D=d, BLOCK_P=COMBINE_PARTS, BLOCK_H=block_h, BLOCK_D=block_d)
+            n, H=h, D=d, BLOCK_P=max(1, config.combine_tile // (block_h * block_d)),
+            BLOCK_H=block_h, BLOCK_D=block_d, num_warps=config.num_warps)
     return out, lse

@@ -11,10 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .graph_attn import CHUNK, COMBINE_PARTS, _segment_bounds, block_sizes
-from .graph_schedule import segment_schedule
-
-BWD_TILE_ELEMS = 1024
+from .graph_attn import DEFAULT_CONFIG, _segment_bounds, block_sizes
+from .graph_schedule import cached_segment_schedule
 
 
 @triton.jit
@@ -64,7 +62,7 @@ def _destination_kernel(indptr, indices, q, k, v, dout, out, lse, grad_lse, edge
         if HAS_BIAS:
             b = tl.load(edge_bias + e[:, None] * H + hs[None, :], mask=edge_mask, other=0.0)
             s += b.to(tl.float32) * 1.4426950408889634
-        p = tl.where(edge_mask, tl.exp2(s - lse_i), 0.0)
+        p = tl.where(edge_mask & (s > float("-inf")), tl.exp2(s - lse_i), 0.0)  # bias may be -inf
         d_s = p * (tl.sum(do_i * v_j, axis=2) - delta)
         dq_acc += d_s[:, :, None] * k_j
         tl.store(prob + e[:, None] * H + hs[None, :], p, mask=edge_mask)
@@ -139,19 +137,22 @@ def _sum_combine_kernel(split_row, seg_count, part_end, part, dst, num_rows,
     tl.store(dst + row * HD + cols, acc.to(dst.dtype.element_ty), mask=live & (cols < HD))
 
 
-def _combine_sums(sched, part, dst):
+def _combine_sums(sched, part, dst, config):
     if sched.num_split == 0:
         return
     hd = dst.shape[1] * dst.shape[2]
+    block_hd = triton.next_power_of_2(hd)
     _sum_combine_kernel[(sched.num_split,)](
         sched.split_row, sched.seg_count, sched.part_end, part, dst, sched.num_rows, HD=hd,
-        BLOCK_P=COMBINE_PARTS, BLOCK_HD=triton.next_power_of_2(hd))
+        BLOCK_P=max(1, config.combine_tile // block_hd), BLOCK_HD=block_hd,
+        num_warps=config.num_warps)
 
 
 def graph_attention_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indices, csc_indptr,
-                             csc_indices, csc_edge_ids, edge_bias, edge_attr, scale, chunk=CHUNK):
+                             csc_indices, csc_edge_ids, edge_bias, edge_attr, scale,
+                             config=DEFAULT_CONFIG):
     """The CUDA kernel of torch.ops.gtkernels.graph_attention_backward (same arguments and
-    results); `chunk` as in graph_attention_forward."""
+    results); `config` as in graph_attention_forward."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     n, h, d = q.shape
@@ -163,9 +164,9 @@ def graph_attention_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indi
     if n == 0 or h == 0:
         d_edge_bias = q.new_empty(edge_bias.shape if edge_bias is not None else (0,))
         return dq, dk, dv, d_edge_bias, d_edge_attr
-    block_s, block_h, block_d = block_sizes(h, d, BWD_TILE_ELEMS)
+    block_s, block_h, block_d = block_sizes(h, d, config.bwd_tile)
 
-    rows = segment_schedule(indptr, num_edges, chunk)
+    rows = cached_segment_schedule(indptr, num_edges, config.chunk)
     part = torch.empty((rows.num_partials, h, d), device=q.device, dtype=torch.float32)
     _destination_kernel[(triton.cdiv(rows.num_segments, block_s),)](
         indptr, indices, q, k, v, grad_out, out, lse,
@@ -174,19 +175,20 @@ def graph_attention_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indi
         edge_attr.contiguous() if edge_attr is not None else q,
         dq, prob, dscore, d_edge_attr, part, rows.seg_row, rows.seg_count, rows.seg_end,
         rows.part_end, n, rows.num_segments, scale, H=h, D=d, BLOCK_S=block_s, BLOCK_H=block_h,
-        BLOCK_D=block_d, CHUNK=chunk, HAS_BIAS=edge_bias is not None,
-        HAS_ATTR=edge_attr is not None, HAS_GRAD_LSE=grad_lse is not None)
-    _combine_sums(rows, part, dq)
+        BLOCK_D=block_d, CHUNK=config.chunk, HAS_BIAS=edge_bias is not None,
+        HAS_ATTR=edge_attr is not None, HAS_GRAD_LSE=grad_lse is not None,
+        num_warps=config.num_warps)
+    _combine_sums(rows, part, dq, config)
 
-    cols = segment_schedule(csc_indptr, num_edges, chunk)
+    cols = cached_segment_schedule(csc_indptr, num_edges, config.chunk)
     part_dk = torch.empty((cols.num_partials, h, d), device=q.device, dtype=torch.float32)
     part_dv = torch.empty_like(part_dk)
     _source_kernel[(triton.cdiv(cols.num_segments, block_s),)](
         csc_indptr, csc_indices, csc_edge_ids, q, grad_out, prob, dscore, dk, dv, part_dk,
         part_dv, cols.seg_row, cols.seg_count, cols.seg_end, cols.part_end, n,
         cols.num_segments, scale, H=h, D=d, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d,
-        CHUNK=chunk)
-    _combine_sums(cols, part_dk, dk)
-    _combine_sums(cols, part_dv, dv)
+        CHUNK=config.chunk, num_warps=config.num_warps)
+    _combine_sums(cols, part_dk, dk, config)
+    _combine_sums(cols, part_dv, dv, config)
     d_edge_bias = dscore.to(q.dtype) if edge_bias is not None else q.new_empty((0,))
     return dq, dk, dv, d_edge_bias, d_edge_attr

@@ -2,10 +2,17 @@
 host sync: each row is cut into segments of at most `chunk` edges (a row without edges keeps
 one empty segment, so that its output gets written). Rows of one segment are finished by the
 segment's program; rows of several ("split" rows: hubs) write per-segment partials that a
-combine pass reduces in segment order (deterministic)."""
+combine pass reduces in segment order (deterministic).
+
+A schedule is a pure function of indptr: `cached_segment_schedule` keeps it for as long as
+the indptr tensor lives (a Graph's), so that repeated calls launch only the attention kernels.
+"""
+import weakref
 from dataclasses import dataclass
 
 import torch
+
+_SCHEDULES = {}  # id(indptr) -> (weakref to indptr, (num_edges, chunk, version), schedule)
 
 
 @dataclass
@@ -42,3 +49,17 @@ def segment_schedule(indptr: torch.Tensor, num_edges: int, chunk: int) -> Segmen
                                    out_int32=True)
     return SegmentSchedule(num_rows, chunk, num_segments, num_partials, num_split, seg_row,
                            seg_count, seg_end, part_end, split_row)
+
+
+def cached_segment_schedule(indptr: torch.Tensor, num_edges: int, chunk: int) -> SegmentSchedule:
+    """segment_schedule(indptr, num_edges, chunk), computed once per indptr tensor (and
+    recomputed if indptr is modified in place); dropped when the tensor is freed."""
+    key = (num_edges, chunk, indptr._version)
+    entry = _SCHEDULES.get(id(indptr))
+    if entry is not None and entry[0]() is indptr and entry[1] == key:
+        return entry[2]
+    schedule = segment_schedule(indptr, num_edges, chunk)
+    tensor_id = id(indptr)
+    ref = weakref.ref(indptr, lambda _: _SCHEDULES.pop(tensor_id, None))
+    _SCHEDULES[tensor_id] = (ref, key, schedule)
+    return schedule

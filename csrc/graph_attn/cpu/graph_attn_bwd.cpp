@@ -32,6 +32,7 @@ template <typename scalar_t, typename index_t>
 void destination_pass(const BackwardArgs<scalar_t>& a, const index_t* indices) {
   using acc_t = acc_type<scalar_t>;
   const int64_t H = a.H, D = a.D, HD = H * D;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, a.N, node_grain(a.N, a.E, HD), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q_row(HD), dout_row(HD), dq_row(HD), key(D), value(D), delta(H), grad(D);
     for (int64_t i = begin; i < end; ++i) {
@@ -53,12 +54,11 @@ void destination_pass(const BackwardArgs<scalar_t>& a, const index_t* indices) {
           load_row_plus(a.v + j * HD + h * D, attr, value.data(), D);
           acc_t s = a.scale * dot(q_h, key.data(), D);
           if (a.edge_bias) s += static_cast<acc_t>(a.edge_bias[e * H + h]);
-          const acc_t p = std::exp(s - a.lse[i * H + h]);
+          const acc_t p = s == neg_inf ? acc_t(0) : std::exp(s - a.lse[i * H + h]);
           const acc_t ds = p * (dot(dout_h, value.data(), D) - delta[h]);
           a.prob[e * H + h] = p;
           a.dscore[e * H + h] = ds;
-          acc_t* dq_h = dq_row.data() + h * D;
-          for (int64_t d = 0; d < D; ++d) dq_h[d] += ds * key[d];
+          scale_add(dq_row.data() + h * D, acc_t(1), ds, key.data(), D);
           if (a.d_edge_bias) a.d_edge_bias[e * H + h] = static_cast<scalar_t>(ds);
           if (a.d_edge_attr) {
             for (int64_t d = 0; d < D; ++d) grad[d] = a.scale * ds * q_h[d] + p * dout_h[d];
@@ -87,9 +87,9 @@ void source_pass(const BackwardArgs<scalar_t>& a, const index_t* csc_indices,
         for (int64_t h = 0; h < H; ++h) {
           const acc_t ds = a.dscore[e * H + h], p = a.prob[e * H + h];
           load_row(a.q + i * HD + h * D, row.data(), D);
-          for (int64_t d = 0; d < D; ++d) dk_row[h * D + d] += ds * row[d];
+          scale_add(dk_row.data() + h * D, acc_t(1), ds, row.data(), D);
           load_row(a.grad_out + i * HD + h * D, row.data(), D);
-          for (int64_t d = 0; d < D; ++d) dv_row[h * D + d] += p * row[d];
+          scale_add(dv_row.data() + h * D, acc_t(1), p, row.data(), D);
         }
       }
       store_row(dk_row.data(), a.dk + j * HD, HD, a.scale);

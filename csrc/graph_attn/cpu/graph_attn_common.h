@@ -43,11 +43,21 @@ inline void load_row_plus(const scalar_t* a, const scalar_t* b, acc_t* dst, int6
   for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<acc_t>(a[t]) + static_cast<acc_t>(b[t]);
 }
 
+// Vectorised (reassociated) sums: the order differs from a sequential loop but is fixed,
+// so results stay deterministic.
 template <typename acc_t>
 inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   acc_t s = 0;
+#pragma omp simd reduction(+ : s)
   for (int64_t t = 0; t < n; ++t) s += a[t] * b[t];
   return s;
+}
+
+// y[0:n] = y * alpha + p * x
+template <typename acc_t>
+inline void scale_add(acc_t* y, acc_t alpha, acc_t p, const acc_t* x, int64_t n) {
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) y[t] = y[t] * alpha + p * x[t];
 }
 
 template <typename scalar_t, typename acc_t>

@@ -35,17 +35,15 @@ void forward_rows(const int64_t* indptr, const index_t* indices, const scalar_t*
           load_row_plus(k + j * HD + h * D, attr, key.data(), D);
           acc_t s = scale * dot(q_row.data() + h * D, key.data(), D);
           if (edge_bias) s += static_cast<acc_t>(edge_bias[e * H + h]);
-          acc_t* acc_h = acc.data() + h * D;
-          if (s > m[h]) {  // new running max: rescale what was accumulated so far
-            const acc_t alpha = std::exp(m[h] - s);
-            l[h] *= alpha;
-            for (int64_t d = 0; d < D; ++d) acc_h[d] *= alpha;
+          acc_t alpha = 1;  // rescales what was accumulated when the running max grows
+          if (s > m[h]) {
+            alpha = std::exp(m[h] - s);
             m[h] = s;
           }
-          const acc_t p = std::exp(s - m[h]);
-          l[h] += p;
+          const acc_t p = s == neg_inf ? acc_t(0) : std::exp(s - m[h]);  // bias may be -inf
+          l[h] = l[h] * alpha + p;
           load_row_plus(v + j * HD + h * D, attr, value.data(), D);
-          for (int64_t d = 0; d < D; ++d) acc_h[d] += p * value[d];
+          scale_add(acc.data() + h * D, alpha, p, value.data(), D);
         }
       }
       for (int64_t h = 0; h < H; ++h) {
