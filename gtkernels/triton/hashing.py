@@ -2,7 +2,7 @@
 
 Forward (hashed_lookup, weighted_gather_sum): one program per (token block, table, column
 block) loops over the B = K chunks / bag entries, gathers each selected row's column slice and
-accumulates in fp32; for hashed_lookup the codes and weights come from x in registers.
+accumulates in fp32. hashed_lookup first writes its rows and weights [T, K] in a hash pass.
 Backward: entries (t, b) sorted by row (stable torch.sort: deterministic), then one program per
 block of rows walks each row's entries in token order: the table gradient of each element is a
 sequential fp32 sum in a fixed order, written once, without atomics.
@@ -23,6 +23,8 @@ def _acc_dtype(dtype):
 def _tuned(configs, key):
     """Autotunes on the GPU; the interpreter gets the launcher's explicit block sizes."""
     def wrap(kernel):
+        unknown = set(key) - set(kernel.arg_names)
+        assert not unknown, f"autotune keys {unknown} are not arguments of {kernel.__name__}"
         return kernel if interpreting() else triton.autotune(configs=configs, key=key)(kernel)
     return wrap
 
@@ -56,15 +58,13 @@ def _code_and_weight(chunk_ptrs, mask, two_over_t, TAU: tl.constexpr, WEIGHTING:
 _FORWARD_CONFIGS = [
     triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w)
     for bt, bd, w in [(16, 256, 4), (32, 256, 8), (32, 128, 4), (64, 128, 8), (16, 512, 8),
-                      (64, 64, 4), (128, 64, 8), (32, 512, 8)]
+                      (64, 64, 4), (8, 512, 4), (16, 128, 4)]
 ]
 
 
-@_tuned(_FORWARD_CONFIGS, key=["d", "B", "M", "HASHED"])
+@_tuned(_FORWARD_CONFIGS, key=["d", "B", "HAS_WEIGHTS"])
 @triton.jit
-def _gather_sum_kernel(x_ptr, idx_ptr, w_ptr, table_ptr, bias_ptr, out_ptr,
-                       T, B, M, d, rows_per_table, stride_x, two_over_t,
-                       HASHED: tl.constexpr, TAU: tl.constexpr, WEIGHTING: tl.constexpr,
+def _gather_sum_kernel(idx_ptr, w_ptr, table_ptr, bias_ptr, out_ptr, T, B, d, rows_per_table,
                        HAS_WEIGHTS: tl.constexpr, HAS_BIAS: tl.constexpr,
                        ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     num_d_blocks = tl.cdiv(d, BLOCK_D)
@@ -77,66 +77,59 @@ def _gather_sum_kernel(x_ptr, idx_ptr, w_ptr, table_ptr, bias_ptr, out_ptr,
     table_m = table_ptr + m.to(tl.int64) * rows_per_table * d
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=ACC_DTYPE)
     for b in range(0, B):
-        if HASHED:
-            code, w = _code_and_weight(x_ptr + tokens * stride_x + b * TAU, t_mask, two_over_t,
-                                       TAU, WEIGHTING, ACC_DTYPE)
-            row = code.to(tl.int64) + b * (1 << TAU)
-        else:
-            row = tl.load(idx_ptr + tokens * B + b, mask=t_mask, other=0).to(tl.int64)
-            if HAS_WEIGHTS:
-                w = tl.load(w_ptr + tokens * B + b, mask=t_mask, other=0.0).to(ACC_DTYPE)
-            else:
-                w = tl.full([BLOCK_T], 1.0, ACC_DTYPE)
+        row = tl.load(idx_ptr + tokens * B + b, mask=t_mask, other=0).to(tl.int64)
         vals = tl.load(table_m + row[:, None] * d + cols[None, :], mask=mask, other=0.0)
-        acc += w[:, None] * vals.to(ACC_DTYPE)
+        if HAS_WEIGHTS:
+            w = tl.load(w_ptr + tokens * B + b, mask=t_mask, other=0.0).to(ACC_DTYPE)
+            acc += w[:, None] * vals.to(ACC_DTYPE)
+        else:
+            acc += vals.to(ACC_DTYPE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + m * d + cols, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :]
     out_ptrs = out_ptr + (m.to(tl.int64) * T + tokens[:, None]) * d + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_gather_sum(out, table, T, B, rows_per_table, *, x=None, idx=None, weights=None,
-                       bias=None, tau=1, weighting="none", temperature=1.0):
-    M, d = out.shape[0], out.shape[2]
+def _gather_sum(table, idx, weights, bias, rows_per_table, out):
+    """out [M, T, d] = sum_b weights[:, b] * table[m, idx[:, b]] (+ bias[m]); table [M, rows, d]."""
+    M, T, d = out.shape
     meta = {} if not interpreting() else {"BLOCK_T": 16, "BLOCK_D": 32}
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_T"]), M * triton.cdiv(d, meta["BLOCK_D"]))
 
-    dummy = table
     _gather_sum_kernel[grid](
-        x if x is not None else dummy, idx if idx is not None else dummy,
-        weights if weights is not None else dummy, table, bias if bias is not None else dummy,
-        out, T, B, M, d, rows_per_table, x.stride(0) if x is not None else 0,
-        2.0 / temperature, HASHED=x is not None, TAU=tau, WEIGHTING=WEIGHTING_CODES[weighting],
+        idx, weights if weights is not None else table, table,
+        bias if bias is not None else table, out, T, idx.shape[1], d, rows_per_table,
         HAS_WEIGHTS=weights is not None, HAS_BIAS=bias is not None,
         ACC_DTYPE=_acc_dtype(table.dtype), **meta)
     return out
 
 
 def hashed_lookup(x, tables, bias, tau, weighting, temperature):
-    """x [T, K * tau], tables [M, K, 2**tau, d], bias [M, d] or None -> y [M, T, d]."""
-    x, tables = x.contiguous(), tables.contiguous()
+    """x [T, K * tau], tables [M, K, 2**tau, d], bias [M, d] or None -> y [M, T, d].
+
+    Two passes: the hash writes rows and weights [T, K] (8 bytes per chunk, each computed once
+    rather than once per column tile and per thread sharing a token), then the gather."""
+    tables = tables.contiguous()
     M, K, R, d = tables.shape
-    T = x.shape[0]
-    out = torch.empty((M, T, d), device=x.device, dtype=tables.dtype)
+    out = torch.empty((M, x.shape[0], d), device=x.device, dtype=tables.dtype)
     if out.numel() == 0:
         return out
-    return _launch_gather_sum(out, tables, T, K, K * R, x=x,
-                              bias=bias.contiguous() if bias is not None else None, tau=tau,
-                              weighting=weighting, temperature=temperature)
+    rows, weights = hash_weights(x, tau, weighting, temperature)
+    return _gather_sum(tables, rows, weights if weighting != "none" else None,
+                       bias.contiguous() if bias is not None else None, K * R, out)
 
 
 def weighted_gather_sum(table, idx, weights):
     """table [M, R, d], idx [T, B], weights [T, B] or None -> y [M, T, d]."""
-    table, idx = table.contiguous(), idx.contiguous()
+    table = table.contiguous()
     M, R, d = table.shape
-    T, B = idx.shape
-    out = torch.empty((M, T, d), device=table.device, dtype=table.dtype)
+    out = torch.empty((M, idx.shape[0], d), device=table.device, dtype=table.dtype)
     if out.numel() == 0:
         return out
-    return _launch_gather_sum(out, table, T, B, R, idx=idx,
-                              weights=weights.contiguous() if weights is not None else None)
+    return _gather_sum(table, idx.contiguous(), weights.contiguous() if weights is not None
+                       else None, None, R, out)
 
 
 @triton.jit
@@ -205,11 +198,12 @@ def hash_weights_backward(grad_weights, x, tau, weighting, temperature):
     return dx
 
 
-_SEGMENT_CONFIGS = [triton.Config({"BLOCK_R": br}, num_warps=w)
-                    for br, w in [(4, 4), (8, 4), (16, 4), (16, 8), (32, 8)]]
+# Block sizes come from d (see _segment_blocks); the tuner picks warps and pipelining depth.
+_SEGMENT_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s)
+                    for w, s in [(4, 1), (4, 2), (4, 3), (8, 2), (8, 3), (2, 2)]]
 
 
-@_tuned(_SEGMENT_CONFIGS, key=["d", "M", "R", "B"])
+@_tuned(_SEGMENT_CONFIGS, key=["d", "B", "HAS_WEIGHTS", "WEIGHTS_GRAD"])
 @triton.jit
 def _segment_sum_kernel(grad_ptr, table_ptr, order_ptr, offsets_ptr, w_ptr, grad_table_ptr,
                         grad_w_ptr, R, B, T, d, n,
@@ -245,9 +239,13 @@ def _segment_sum_kernel(grad_ptr, table_ptr, order_ptr, offsets_ptr, w_ptr, grad
     tl.store(grad_table_ptr + row_ptrs, acc.to(grad_table_ptr.dtype.element_ty), mask=tile_mask)
 
 
-def _segment_block_d(d):
-    """Columns per program: fixed by d alone, so grad_weights' summation order is too."""
-    return min(triton.next_power_of_2(max(d, 1)), 256)
+def _segment_blocks(d):
+    """(rows, columns) per program, fixed by d alone: grad_weights' summation order is too.
+    Up to 1024 columns, so that one program usually holds whole rows (no partial sums)."""
+    if interpreting():  # small tiles: d = 300 still spans two column blocks
+        return 4, min(triton.next_power_of_2(max(d, 1)), 256)
+    block_d = min(triton.next_power_of_2(max(d, 1)), 1024)
+    return max(1, min(32, 4096 // block_d)), block_d
 
 
 def weighted_gather_sum_backward(grad, table, idx, weights, weights_grad):
@@ -260,22 +258,23 @@ def weighted_gather_sum_backward(grad, table, idx, weights, weights_grad):
     n = T * B
     acc_dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
     grad_table = torch.empty_like(table)
-    block_d = _segment_block_d(d)
+    block_r, block_d = _segment_blocks(d)
     num_d_blocks = triton.cdiv(d, block_d)
     partial_w = torch.empty((M * num_d_blocks, n if weights_grad else 0), device=table.device,
                             dtype=acc_dtype)
     if grad_table.numel() > 0:
-        keys, order = torch.sort(idx.reshape(-1), stable=True)
+        # int32 keys halve the radix passes of the sort; stable keeps token order per row.
+        key_dtype = torch.int32 if R < 2**31 - 1 else torch.int64
+        keys, order = torch.sort(idx.reshape(-1).to(key_dtype), stable=True)
         offsets = torch.searchsorted(keys, torch.arange(R + 1, device=keys.device,
-                                                        dtype=keys.dtype))
-        meta = {} if not interpreting() else {"BLOCK_R": 4}
-        grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), M * num_d_blocks)  # noqa: E731
+                                                        dtype=key_dtype))
+        grid = (triton.cdiv(R, block_r), M * num_d_blocks)
         _segment_sum_kernel[grid](
             grad, table, order, offsets,
             weights.contiguous() if weights is not None else table, grad_table,
             partial_w if weights_grad else table, R, B, T, d, n,
             HAS_WEIGHTS=weights is not None, WEIGHTS_GRAD=weights_grad,
-            ACC_DTYPE=_acc_dtype(table.dtype), BLOCK_D=block_d, **meta)
+            ACC_DTYPE=_acc_dtype(table.dtype), BLOCK_R=block_r, BLOCK_D=block_d)
     elif weights_grad:
         partial_w.zero_()
     if not weights_grad:

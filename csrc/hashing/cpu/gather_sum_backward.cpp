@@ -33,6 +33,19 @@ void counting_sort_by_row(const int64_t* idx, int64_t n, int64_t R, std::vector<
   for (int64_t p = 0; p < n; ++p) order[cursor[idx[p]]++] = p;
 }
 
+// acc += w * g; returns g . row. The dot sums in SIMD lanes: a fixed order, so deterministic.
+template <typename scalar_t, typename acc_t>
+acc_t axpy_and_dot(const scalar_t* g, const scalar_t* row, acc_t w, acc_t* acc, int64_t d) {
+  acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < d; ++j) {
+    const acc_t gj = static_cast<acc_t>(g[j]);
+    acc[j] += w * gj;
+    dot += gj * static_cast<acc_t>(row[j]);
+  }
+  return dot;
+}
+
 // grad [M, T, d], table [M, R, d], idx [T, B], weights [T, B] or None ->
 // (grad_table [M, R, d] in table's dtype, grad_weights [T, B] in weights' dtype, or [0] when
 // weights_grad is false).
@@ -77,12 +90,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_gather_sum_backward_cpu(
               const int64_t p = order[q];
               const scalar_t* g = gp + (m * T + p / B) * d;
               const acc_t w = wp != nullptr ? wp[p] : acc_t(1);
-              acc_t dot = 0;
-              for (int64_t j = 0; j < d; ++j) {
-                const acc_t gj = static_cast<acc_t>(g[j]);
-                acc[j] += w * gj;
-                dot += gj * static_cast<acc_t>(table_row[j]);
-              }
+              const acc_t dot = axpy_and_dot(g, table_row, w, acc.data(), d);
               if (dwp != nullptr) dwp[p] += dot;
             }
             scalar_t* out = dtp + (m * R + r) * d;

@@ -59,21 +59,21 @@ inline void chunk_weight_backward(const scalar_t* chunk, int64_t tau, Weighting 
     for (int64_t i = 0; i < tau; ++i) dx[i] = scalar_t(0);
     return;
   }
+  constexpr int kMaxTau = 12;  // the ops check tau <= 12 before calling this
+  acc_t sign[kMaxTau], one_minus_sig[kMaxTau];
   acc_t prod = 1, l1 = 0;
   for (int64_t i = 0; i < tau; ++i) {
     const acc_t v = static_cast<acc_t>(chunk[i]);
-    const acc_t a = v >= acc_t(0) ? v : -v;
-    prod *= sigmoid_nonneg(two_over_t * a);
-    l1 += a;
+    sign[i] = v >= acc_t(0) ? acc_t(1) : acc_t(-1);
+    const acc_t e = std::exp(-two_over_t * sign[i] * v);
+    prod *= acc_t(1) / (acc_t(1) + e);
+    one_minus_sig[i] = e / (acc_t(1) + e);  // exact where the sigmoid rounds to 1
+    l1 += sign[i] * v;
   }
   for (int64_t i = 0; i < tau; ++i) {
-    const acc_t v = static_cast<acc_t>(chunk[i]);
-    const acc_t sign = v >= acc_t(0) ? acc_t(1) : acc_t(-1);
-    const acc_t e = std::exp(-two_over_t * sign * v);
-    const acc_t one_minus_sig = e / (acc_t(1) + e);  // exact where sigmoid rounds to 1
     // d prod / d x_i = prod * (1 - sigma_i) * 2 b_i / T
-    const acc_t dprod = prod * one_minus_sig * two_over_t * sign;
-    const acc_t dw = weighting == Weighting::kSoftmax ? dprod : sign * prod + l1 * dprod;
+    const acc_t dprod = prod * one_minus_sig[i] * two_over_t * sign[i];
+    const acc_t dw = weighting == Weighting::kSoftmax ? dprod : sign[i] * prod + l1 * dprod;
     dx[i] = static_cast<scalar_t>(grad_weight * dw);
   }
 }

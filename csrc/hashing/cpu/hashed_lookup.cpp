@@ -40,6 +40,7 @@ void gather_sum_token(const scalar_t* table, const scalar_t* bias, int64_t M, in
     for (int64_t b = 0; b < B; ++b) {
       const scalar_t* row = table_m + rows[b] * d;
       const acc_t w = weight[b];
+#pragma omp simd
       for (int64_t j = 0; j < d; ++j) acc[j] += w * static_cast<acc_t>(row[j]);
     }
     scalar_t* o = out + m * out_m_stride;
