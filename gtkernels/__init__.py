@@ -8,9 +8,10 @@ from ._loader import load_extension
 _C = load_extension()
 
 from . import triton as _triton_kernels  # noqa: E402,F401  (registers Triton CUDA kernels)
+from .gather_sum import weighted_gather_sum  # noqa: E402
 from .graph import Graph  # noqa: E402
 from .graph_attn import graph_attention  # noqa: E402
-from .hashing import sign_hash  # noqa: E402
+from .hashing import hashed_lookup, sign_hash  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -20,4 +21,5 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["build_info", "sign_hash", "__version__", "Graph", "graph_attention"]
+__all__ = ["build_info", "Graph", "graph_attention", "hashed_lookup", "sign_hash",
+           "weighted_gather_sum", "__version__"]

@@ -51,3 +51,27 @@ def check_int_range(name, value, low, high):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+def check_choice(name, value, choices):
+    """Checks that a string option is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_positive(name, value):
+    """Checks that a Python number option is finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+
+
+def check_index_range(name, idx, upper):
+    """Checks 0 <= idx < upper elementwise. Reads one bool back from the device (a host sync)."""
+    if idx.numel() == 0:
+        return
+    bad = (idx < 0) | (idx >= upper)
+    if bool(bad.any()):
+        first = idx[bad][0].item()
+        raise IndexError(f"{name} holds {first}, out of range [0, {upper})")

@@ -1,0 +1,105 @@
+"""Triton kernels of the hashing family against the C++ CPU kernels, through the interpreter
+(TRITON_INTERPRET=1) at small sizes, or on the GPU when there is one."""
+import pytest
+import torch
+
+from gtkernels.triton import HAS_TRITON, interpreting
+from utils import rel_err
+
+pytestmark = pytest.mark.skipif(
+    not HAS_TRITON or not (interpreting() or torch.cuda.is_available()),
+    reason="needs triton with a GPU or TRITON_INTERPRET=1")
+
+ops = torch.ops.gtkernels
+# The interpreter runs 16 x 32 tiles; d = 40 spans two column blocks, tau = 1 and 5 odd chunks.
+LOOKUP_CASES = [(9, 3, 3, 40, 1), (5, 2, 1, 7, 2), (17, 1, 5, 32, 1), (0, 2, 2, 4, 1)]
+
+
+def _device():
+    return "cpu" if interpreting() else "cuda"
+
+
+def _close(got, expected, tol):
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert rel_err(got.cpu(), expected.cpu()) <= tol
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from gtkernels.triton import hashing
+    return hashing
+
+
+def _tol(dtype):
+    return 1e-6 if dtype == torch.float32 else 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighting", ["softmax", "l1_softmax", "none"])
+@pytest.mark.parametrize("T,K,tau,d,M", LOOKUP_CASES)
+def test_hashed_lookup_kernel(kernels, dtype, weighting, T, K, tau, d, M):
+    x = torch.randn(T, K * tau, dtype=dtype, device=_device())
+    x[torch.rand_like(x, dtype=torch.float32) < 0.1] = 0.0
+    tables = torch.randn(M, K, 2**tau, d, dtype=dtype, device=_device())
+    bias = torch.randn(M, d, dtype=dtype, device=_device()) if weighting != "none" else None
+    got = kernels.hashed_lookup(x, tables, bias, tau, weighting, 0.8)
+    expected = ops.hashed_lookup(x.cpu(), tables.cpu(), None if bias is None else bias.cpu(),
+                                 tau, weighting, 0.8)
+    _close(got, expected, _tol(dtype))
+
+
+@pytest.mark.parametrize("weighting", ["softmax", "l1_softmax", "none"])
+@pytest.mark.parametrize("tau", [1, 4, 7])
+def test_hash_weights_kernels(kernels, weighting, tau):
+    x = torch.randn(19, 3 * tau, device=_device())
+    x[torch.rand_like(x) < 0.1] = 0.0
+    rows, weights = kernels.hash_weights(x, tau, weighting, 1.3)
+    rows_cpu, weights_cpu = ops.hash_weights(x.cpu(), tau, weighting, 1.3)
+    assert torch.equal(rows.cpu(), rows_cpu)
+    _close(weights, weights_cpu, 1e-6)
+    grad_weights = torch.randn(19, 3, device=_device())
+    dx = kernels.hash_weights_backward(grad_weights, x, tau, weighting, 1.3)
+    _close(dx, ops.hash_weights_backward(grad_weights.cpu(), x.cpu(), tau, weighting, 1.3), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weights_kind", ["table", "float32", None])
+@pytest.mark.parametrize("R,d,T,B,M", [(20, 40, 11, 3, 1), (5, 8, 30, 4, 2), (7, 3, 0, 2, 1)])
+def test_weighted_gather_sum_kernel(kernels, dtype, weights_kind, R, d, T, B, M):
+    table = torch.randn(M, R, d, dtype=dtype, device=_device())
+    idx = torch.randint(0, R, (T, B), device=_device(), dtype=torch.int32)
+    weights = None if weights_kind is None else torch.randn(
+        T, B, device=_device(), dtype=dtype if weights_kind == "table" else torch.float32)
+    got = kernels.weighted_gather_sum(table, idx, weights)
+    expected = ops.weighted_gather_sum(table.cpu(), idx.cpu(),
+                                       None if weights is None else weights.cpu())
+    _close(got, expected, _tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weights_grad", [True, False])
+# d = 300 spans two column blocks (partial weight gradients summed); R = 1 puts every entry in
+# one segment; some rows of R = 50 get no entry (their gradient must be written as zeros).
+@pytest.mark.parametrize("R,d,T,B,M", [(6, 300, 13, 3, 1), (1, 5, 9, 2, 2), (50, 9, 7, 2, 1)])
+def test_weighted_gather_sum_backward_kernel(kernels, dtype, weights_grad, R, d, T, B, M):
+    table = torch.randn(M, R, d, dtype=dtype, device=_device())
+    idx = torch.randint(0, R, (T, B), device=_device())
+    weights = torch.randn(T, B, device=_device(), dtype=dtype)
+    grad = torch.randn(M, T, d, dtype=dtype, device=_device())
+    got = kernels.weighted_gather_sum_backward(grad, table, idx, weights, weights_grad)
+    expected = ops.weighted_gather_sum_backward(grad.cpu(), table.cpu(), idx.cpu(),
+                                                weights.cpu(), weights_grad)
+    _close(got[0], expected[0], _tol(dtype))
+    if weights_grad:
+        _close(got[1], expected[1], _tol(dtype))
+    else:
+        assert got[1].numel() == 0 and expected[1].numel() == 0
+
+
+def test_weighted_gather_sum_backward_kernel_without_weights(kernels):
+    table = torch.randn(1, 12, 10, device=_device())
+    idx = torch.randint(0, 12, (8, 3), device=_device())
+    grad = torch.randn(1, 8, 10, device=_device())
+    got, _ = kernels.weighted_gather_sum_backward(grad, table, idx, None, False)
+    expected, _ = ops.weighted_gather_sum_backward(grad.cpu(), table.cpu(), idx.cpu(), None, False)
+    _close(got, expected, 1e-6)
