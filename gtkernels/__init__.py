@@ -9,6 +9,7 @@ _C = load_extension()
 
 from . import triton as _triton_kernels  # noqa: E402,F401  (registers Triton CUDA kernels)
 from .hashing import sign_hash  # noqa: E402
+from .window_attn import window_attention  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -18,4 +19,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["build_info", "sign_hash", "__version__"]
+__all__ = ["build_info", "sign_hash", "window_attention", "__version__"]

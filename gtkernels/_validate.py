@@ -51,3 +51,13 @@ def check_int_range(name, value, low, high):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+def check_same_shape(**tensors):
+    """Checks that all given tensors have the first one's shape."""
+    named = list(tensors.items())
+    first_name, first = named[0]
+    for n, t in named[1:]:
+        if t.shape != first.shape:
+            raise ValueError(f"{n} has shape {list(t.shape)} but {first_name} has "
+                             f"{list(first.shape)}; they must match")
