@@ -12,6 +12,7 @@ from .gather_sum import weighted_gather_sum  # noqa: E402
 from .graph import Graph  # noqa: E402
 from .graph_attn import graph_attention  # noqa: E402
 from .hashing import hashed_lookup, sign_hash  # noqa: E402
+from .window_attn import window_attention  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -22,4 +23,4 @@ def build_info() -> dict:
 
 
 __all__ = ["build_info", "Graph", "graph_attention", "hashed_lookup", "sign_hash",
-           "weighted_gather_sum", "__version__"]
+           "weighted_gather_sum", "window_attention", "__version__"]

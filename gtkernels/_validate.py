@@ -75,3 +75,13 @@ def check_index_range(name, idx, upper):
     if bool(bad.any()):
         first = idx[bad][0].item()
         raise IndexError(f"{name} holds {first}, out of range [0, {upper})")
+
+
+def check_same_shape(**tensors):
+    """Checks that all given tensors have the first one's shape."""
+    named = list(tensors.items())
+    first_name, first = named[0]
+    for n, t in named[1:]:
+        if t.shape != first.shape:
+            raise ValueError(f"{n} has shape {list(t.shape)} but {first_name} has "
+                             f"{list(first.shape)}; they must match")

@@ -1,0 +1,236 @@
+"""Triton forward of dilated window attention with global tokens (flash-attention style).
+
+Dilation is free: for dilation d, query i only meets keys j with j % d == i % d, so each residue
+class r is a dense band of half-width `window` over the strided subsequence x[r::d] (row stride
+d * stride_n, no copy). A band program owns BLOCK_M consecutive queries of one class and one
+(b, h) and walks the key blocks of its band, then the global keys [0, G). The global queries
+(rows < G) see every key: they run split over key chunks, each chunk writing a partial
+(out, lse), combined in a fixed order (deterministic). Softmax runs in fp32 in the log2 domain.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# Bound of S * G * B * H rows of the fp32 partial buffers of the global passes.
+PARTIAL_ROWS_BUDGET = 1 << 18
+# Fewest tiles along the long axis per chunk of a global pass (amortises the partial buffers).
+MIN_TILES_PER_SPLIT = 8
+
+
+def tile_configs(block_pairs, warps_stages):
+    """Autotune configs; a single small one under the interpreter (it is slow)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n in block_pairs for w, s in warps_stages]
+
+
+@triton.jit
+def load_rows(ptr, rows, row_ok, stride_n, cols, D):
+    """Tile [len(rows), BLOCK_D] of rows `rows` (token indices) of a [N, D] view; 0 elsewhere."""
+    offsets = rows.to(tl.int64)[:, None] * stride_n + cols[None, :]
+    return tl.load(ptr + offsets, mask=row_ok[:, None] & (cols < D)[None, :], other=0.0)
+
+
+@triton.jit
+def band_program(N, H, dilation, BLOCK: tl.constexpr):
+    """Decodes a band program id into (first position, residue class, b, h, class length,
+    first non-global position of the class)."""
+    pid = tl.program_id(0)
+    blocks = ((N + dilation - 1) // dilation + BLOCK - 1) // BLOCK
+    rest = pid // blocks
+    r = rest % dilation
+    bh = rest // dilation
+    length = (N - r + dilation - 1) // dilation
+    return (pid % blocks) * BLOCK, r, bh // H, bh % H, length
+
+
+@triton.jit
+def first_band_position(num_global, r, dilation):
+    """First position p of residue class r whose token r + p * dilation is not global."""
+    return (num_global - r + dilation - 1) // dilation
+
+
+@triton.jit
+def attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over a key tile, scores in the log2 domain."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.autotune(configs=tile_configs([(128, 64), (64, 64)], [(4, 3), (8, 3)]),
+                 key=["window", "dilation", "D", "CAUSAL"])
+@triton.jit
+def _band_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, stride_b, stride_n, stride_h,
+                         N, H, D, window, dilation, num_global, qk_scale,
+                         CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    p0, r, b, h, length = band_program(N, H, dilation, BLOCK_M)
+    first_band = first_band_position(num_global, r, dilation)
+    if (p0 < length) & (p0 + BLOCK_M > first_band):
+        base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+        cols = tl.arange(0, BLOCK_D)
+        offs_m = p0 + tl.arange(0, BLOCK_M)
+        rows_m = r + offs_m * dilation
+        q = load_rows(q_ptr + base, rows_m, offs_m < length, stride_n, cols, D)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        # Band keys; those of global tokens are skipped here and met once, below.
+        lo = tl.maximum(p0 - window, first_band)
+        hi = tl.minimum(p0 + BLOCK_M + (0 if CAUSAL else window), length)
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            rows_n = r + offs_n * dilation
+            k = load_rows(k_ptr + base, rows_n, offs_n < hi, stride_n, cols, D)
+            v = load_rows(v_ptr + base, rows_n, offs_n < hi, stride_n, cols, D)
+            diff = offs_n[None, :] - offs_m[:, None]
+            valid = (offs_n < hi)[None, :] & (diff <= (0 if CAUSAL else window)) & (diff >= -window)
+            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT_PRECISION)
+        for start in range(0, num_global, BLOCK_N):
+            offs_j = start + tl.arange(0, BLOCK_N)
+            k = load_rows(k_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
+            v = load_rows(v_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
+            valid = (offs_j < num_global)[None, :] & (offs_m >= 0)[:, None]
+            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT_PRECISION)
+        # Rows of global tokens are written by the global pass.
+        store_ok = (offs_m < length) & (offs_m >= first_band)
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        out_rows = rows_m.to(tl.int64) * H * D + b.to(tl.int64) * N * H * D + h * D
+        tl.store(out_ptr + out_rows[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=store_ok[:, None] & (cols < D)[None, :])
+        lse_rows = (b.to(tl.int64) * N + rows_m) * H + h
+        tl.store(lse_ptr + lse_rows, (m_i + tl.log2(l_safe)) * LN2, mask=store_ok)
+
+
+@triton.jit
+def _global_query_forward_kernel(q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr,
+                                 stride_b, stride_n, stride_h, B, H, D, num_global, key_end,
+                                 keys_per_split, num_splits, qk_scale,
+                                 CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr):
+    """Rows [0, G) against key chunk `split`: writes normalised partial out and lse to
+    part_out [S, B, G, H, D] and part_lse [S, B, G, H] (fp32)."""
+    pid = tl.program_id(0)
+    blocks = (num_global + BLOCK_M - 1) // BLOCK_M
+    split = (pid // blocks) % num_splits
+    bh = pid // (blocks * num_splits)
+    b = bh // H
+    h = bh % H
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    cols = tl.arange(0, BLOCK_D)
+    offs_m = (pid % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q = load_rows(q_ptr + base, offs_m, offs_m < num_global, stride_n, cols, D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, key_end)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = load_rows(k_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
+        v = load_rows(v_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
+        valid = (offs_n < hi)[None, :] & (offs_m >= 0)[:, None]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT_PRECISION)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    rows = ((split.to(tl.int64) * B + b) * num_global + offs_m) * H + h
+    tl.store(part_out_ptr + rows[:, None] * D + cols[None, :], acc / l_safe[:, None],
+             mask=(offs_m < num_global)[:, None] & (cols < D)[None, :])
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    tl.store(part_lse_ptr + rows, lse, mask=offs_m < num_global)
+
+
+def dot_precision(dtype):
+    """fp32 inputs keep fp32 products (torch's default matmul precision); others use MMA."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def prepare_inputs(*tensors):
+    """The tensors with one set of strides and a unit last stride (copies only when needed)."""
+    first = tensors[0]
+    if first.stride(-1) == 1 and all(t.stride() == first.stride() for t in tensors):
+        return tensors
+    return tuple(t.contiguous() for t in tensors)
+
+
+def effective_window(n, window, dilation):
+    """(window, dilation) bounded by N with the same key sets: keys past the ends do not exist."""
+    dilation = min(dilation, max(n, 1))
+    return min(window, max(n - 1, 0) // dilation), dilation
+
+
+def global_blocks(num_global):
+    """(rows per program, tile along the long axis) of the global passes."""
+    if interpreting():
+        return 16, 16
+    return max(16, min(64, triton.next_power_of_2(num_global))), 64
+
+
+def split_count(long_len, num_global, batch_heads, block):
+    """(number of chunks, chunk length) of a global pass over `long_len` keys or queries: enough
+    chunks to fill the GPU, few enough for the fp32 partial buffers to stay small."""
+    budget = max(1, PARTIAL_ROWS_BUDGET // max(1, num_global * batch_heads))
+    splits = max(1, min(triton.cdiv(long_len, block * MIN_TILES_PER_SPLIT), budget))
+    per_split = triton.cdiv(triton.cdiv(long_len, splits), block) * block
+    return triton.cdiv(long_len, per_split), per_split
+
+
+def band_grid(batch_heads, n, dilation, block_key):
+    return lambda meta: (batch_heads * dilation * triton.cdiv(triton.cdiv(n, dilation), meta[block_key]),)
+
+
+def _global_query_forward(q, k, v, out, lse, num_global, causal, qk_scale, block_d):
+    batch, n, heads, dim = q.shape
+    key_end = num_global if causal else n
+    block_m, block_n = global_blocks(num_global)
+    splits, per_split = split_count(key_end, num_global, batch * heads, block_n)
+    part_out = q.new_empty((splits, batch, num_global, heads, dim), dtype=torch.float32)
+    part_lse = q.new_empty((splits, batch, num_global, heads), dtype=torch.float32)
+    grid = (triton.cdiv(num_global, block_m) * splits * batch * heads,)
+    _global_query_forward_kernel[grid](
+        q, k, v, part_out, part_lse, q.stride(0), q.stride(1), q.stride(2), batch, heads, dim,
+        num_global, key_end, per_split, splits, qk_scale, CAUSAL=causal,
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4)
+    lse_global = torch.logsumexp(part_lse, 0)
+    weights = torch.exp(part_lse - lse_global).unsqueeze(-1)
+    out[:, :num_global] = (weights * part_out).sum(0).to(out.dtype)
+    lse[:, :num_global] = lse_global
+
+
+def window_attention_forward(q, k, v, window, dilation, num_global, causal, scale):
+    """q, k, v [B, N, H, D] fp32/fp16/bf16 on a GPU (or CPU under the interpreter) ->
+    (out [B, N, H, D] in q's dtype, lse [B, N, H] fp32)."""
+    batch, n, heads, dim = q.shape
+    out = q.new_empty((batch, n, heads, dim))
+    lse = q.new_empty((batch, n, heads), dtype=torch.float32)
+    if q.numel() == 0:
+        return out, lse
+    q, k, v = prepare_inputs(q, k, v)
+    window, dilation = effective_window(n, window, dilation)
+    block_d = max(16, triton.next_power_of_2(dim))
+    qk_scale = scale * LOG2E
+    _band_forward_kernel[band_grid(batch * heads, n, dilation, "BLOCK_M")](
+        q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), n, heads, dim, window,
+        dilation, num_global, qk_scale, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_D=block_d)
+    if num_global > 0:
+        _global_query_forward(q, k, v, out, lse, num_global, causal, qk_scale, block_d)
+    return out, lse

@@ -1,0 +1,303 @@
+"""Triton backward of dilated window attention with global tokens (flash-attention-2 algebra).
+
+  p_ij = exp(s_ij - lse_i), ds_ij = p_ij (dO_i . v_j - delta_i), delta_i = dO_i . O_i - dlse_i
+  dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i p_ij dO_i
+
+Band keys (token >= G): a program owns a key block of one residue class and walks the query
+blocks whose band covers it, plus the global queries. Band queries: a program owns a query block
+and walks its band and the global keys (dq). Global keys and global queries meet every query or
+key: they run split over chunks into fp32 partial buffers summed in a fixed order. Every output
+row has one writer: deterministic, no atomics.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .window_attn import (LOG2E, band_grid, band_program, dot_precision, effective_window,
+                          first_band_position, global_blocks, load_rows, prepare_inputs,
+                          split_count, tile_configs)
+
+
+@triton.jit
+def _delta_kernel(grad_out_ptr, out_ptr, grad_lse_ptr, delta_ptr, rows, D,
+                  HAS_GRAD_LSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (offs < rows)[:, None] & (cols < D)[None, :]
+    ptrs = offs.to(tl.int64)[:, None] * D + cols[None, :]
+    do = tl.load(grad_out_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(out_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(do * o, 1)
+    if HAS_GRAD_LSE:
+        delta -= tl.load(grad_lse_ptr + offs, mask=offs < rows, other=0.0)
+    tl.store(delta_ptr + offs, delta, mask=offs < rows)
+
+
+@triton.jit
+def dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, DOT_PRECISION: tl.constexpr):
+    """dq += ds @ k over one key tile; valid [M, N]."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    p = tl.exp2(tl.where(valid, s - lse2[:, None], float("-inf")))
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, DOT_PRECISION: tl.constexpr):
+    """dk += ds^T @ q and dv += p^T @ dO over one query tile, computed transposed; valid_t [N, M]."""
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    p_t = tl.exp2(tl.where(valid_t, s_t - lse2[None, :], float("-inf")))
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows, row_ok):
+    """lse (log2 domain) and delta of token rows `rows` of (b, h)."""
+    idx = (b.to(tl.int64) * N + rows) * H + h
+    lse2 = tl.load(lse_ptr + idx, mask=row_ok, other=0.0) * LOG2E
+    return lse2, tl.load(delta_ptr + idx, mask=row_ok, other=0.0)
+
+
+@triton.autotune(configs=tile_configs([(128, 64), (64, 64)], [(4, 3), (8, 3)]),
+                 key=["window", "dilation", "D", "CAUSAL"])
+@triton.jit
+def _band_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                    stride_b, stride_n, stride_h, N, H, D, window, dilation, num_global,
+                    qk_scale, scale, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    p0, r, b, h, length = band_program(N, H, dilation, BLOCK_M)
+    first_band = first_band_position(num_global, r, dilation)
+    if (p0 < length) & (p0 + BLOCK_M > first_band):
+        base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+        out_base = (b.to(tl.int64) * N * H + h) * D
+        cols = tl.arange(0, BLOCK_D)
+        offs_m = p0 + tl.arange(0, BLOCK_M)
+        rows_m = r + offs_m * dilation
+        row_ok = offs_m < length
+        q = load_rows(q_ptr + base, rows_m, row_ok, stride_n, cols, D)
+        do = load_rows(do_ptr + out_base, rows_m, row_ok, H * D, cols, D)
+        lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows_m, row_ok)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        lo = tl.maximum(p0 - window, first_band)
+        hi = tl.minimum(p0 + BLOCK_M + (0 if CAUSAL else window), length)
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            rows_n = r + offs_n * dilation
+            k = load_rows(k_ptr + base, rows_n, offs_n < hi, stride_n, cols, D)
+            v = load_rows(v_ptr + base, rows_n, offs_n < hi, stride_n, cols, D)
+            diff = offs_n[None, :] - offs_m[:, None]
+            valid = (offs_n < hi)[None, :] & (diff <= (0 if CAUSAL else window)) & (diff >= -window)
+            dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, DOT_PRECISION)
+        for start in range(0, num_global, BLOCK_N):
+            offs_j = start + tl.arange(0, BLOCK_N)
+            k = load_rows(k_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
+            v = load_rows(v_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
+            valid = (offs_j < num_global)[None, :] & row_ok[:, None]
+            dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, DOT_PRECISION)
+        store_ok = row_ok & (offs_m >= first_band)
+        tl.store(dq_ptr + out_base + rows_m.to(tl.int64)[:, None] * H * D + cols[None, :],
+                 (dq * scale).to(dq_ptr.dtype.element_ty),
+                 mask=store_ok[:, None] & (cols < D)[None, :])
+
+
+@triton.autotune(configs=tile_configs([(64, 128), (64, 64)], [(4, 3), (8, 3)]),
+                 key=["window", "dilation", "D", "CAUSAL"])
+@triton.jit
+def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                      stride_b, stride_n, stride_h, N, H, D, window, dilation, num_global,
+                      qk_scale, scale, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    k0, r, b, h, length = band_program(N, H, dilation, BLOCK_N)
+    first_band = first_band_position(num_global, r, dilation)
+    if (k0 < length) & (k0 + BLOCK_N > first_band):
+        base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+        out_base = (b.to(tl.int64) * N * H + h) * D
+        cols = tl.arange(0, BLOCK_D)
+        offs_n = k0 + tl.arange(0, BLOCK_N)
+        rows_n = r + offs_n * dilation
+        key_ok = offs_n < length
+        k = load_rows(k_ptr + base, rows_n, key_ok, stride_n, cols, D)
+        v = load_rows(v_ptr + base, rows_n, key_ok, stride_n, cols, D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        # Band queries whose window holds these keys (global queries are met below).
+        lo = tl.maximum(k0 - (0 if CAUSAL else window), first_band)
+        hi = tl.minimum(k0 + BLOCK_N + window, length)
+        for start in range(lo, hi, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            rows_m = r + offs_m * dilation
+            q_ok = offs_m < hi
+            q = load_rows(q_ptr + base, rows_m, q_ok, stride_n, cols, D)
+            do = load_rows(do_ptr + out_base, rows_m, q_ok, H * D, cols, D)
+            lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows_m, q_ok)
+            diff = offs_n[:, None] - offs_m[None, :]
+            valid_t = q_ok[None, :] & (diff <= (0 if CAUSAL else window)) & (diff >= -window)
+            dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, DOT_PRECISION)
+        if not CAUSAL:  # a causal global query i < G sees no key j >= G
+            for start in range(0, num_global, BLOCK_M):
+                offs_m = start + tl.arange(0, BLOCK_M)
+                q_ok = offs_m < num_global
+                q = load_rows(q_ptr + base, offs_m, q_ok, stride_n, cols, D)
+                do = load_rows(do_ptr + out_base, offs_m, q_ok, H * D, cols, D)
+                lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, offs_m, q_ok)
+                valid_t = q_ok[None, :] & key_ok[:, None]
+                dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale,
+                                   DOT_PRECISION)
+        store_ok = (key_ok & (offs_n >= first_band))[:, None] & (cols < D)[None, :]
+        ptrs = out_base + rows_n.to(tl.int64)[:, None] * H * D + cols[None, :]
+        tl.store(dk_ptr + ptrs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=store_ok)
+        tl.store(dv_ptr + ptrs, dv.to(dv_ptr.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
+def global_program(num_global, num_splits, BLOCK: tl.constexpr):
+    """Decodes a global-pass program id into (first global row, split, bh)."""
+    pid = tl.program_id(0)
+    blocks = (num_global + BLOCK - 1) // BLOCK
+    return (pid % blocks) * BLOCK, (pid // blocks) % num_splits, pid // (blocks * num_splits)
+
+
+@triton.jit
+def _global_query_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, part_dq_ptr,
+                            stride_b, stride_n, stride_h, B, N, H, D, num_global, key_end,
+                            keys_per_split, num_splits, qk_scale, scale,
+                            CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq of rows [0, G) from key chunk `split` -> part_dq [S, B, G, H, D] fp32."""
+    m0, split, bh = global_program(num_global, num_splits, BLOCK_M)
+    b = bh // H
+    h = bh % H
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    out_base = (b.to(tl.int64) * N * H + h) * D
+    cols = tl.arange(0, BLOCK_D)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < num_global
+    q = load_rows(q_ptr + base, offs_m, row_ok, stride_n, cols, D)
+    do = load_rows(do_ptr + out_base, offs_m, row_ok, H * D, cols, D)
+    lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, offs_m, row_ok)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, key_end)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = load_rows(k_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
+        v = load_rows(v_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
+        valid = (offs_n < hi)[None, :] & row_ok[:, None]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, DOT_PRECISION)
+    rows = ((split.to(tl.int64) * B + b) * num_global + offs_m) * H + h
+    tl.store(part_dq_ptr + rows[:, None] * D + cols[None, :], dq * scale,
+             mask=row_ok[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def _global_key_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, part_dk_ptr,
+                            part_dv_ptr, stride_b, stride_n, stride_h, B, N, H, D, num_global,
+                            queries_per_split, num_splits, qk_scale, scale,
+                            CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dk, dv of keys [0, G) from query chunk `split` -> part_dk, part_dv [S, B, G, H, D] fp32."""
+    k0, split, bh = global_program(num_global, num_splits, BLOCK_N)
+    b = bh // H
+    h = bh % H
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    out_base = (b.to(tl.int64) * N * H + h) * D
+    cols = tl.arange(0, BLOCK_D)
+    offs_n = k0 + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < num_global
+    k = load_rows(k_ptr + base, offs_n, key_ok, stride_n, cols, D)
+    v = load_rows(v_ptr + base, offs_n, key_ok, stride_n, cols, D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = split * queries_per_split
+    hi = tl.minimum(lo + queries_per_split, N)
+    for start in range(lo, hi, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        q_ok = offs_m < hi
+        q = load_rows(q_ptr + base, offs_m, q_ok, stride_n, cols, D)
+        do = load_rows(do_ptr + out_base, offs_m, q_ok, H * D, cols, D)
+        lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, offs_m, q_ok)
+        valid_t = q_ok[None, :] & key_ok[:, None]
+        if CAUSAL:
+            valid_t = valid_t & (offs_n[:, None] <= offs_m[None, :])
+        dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, DOT_PRECISION)
+    rows = ((split.to(tl.int64) * B + b) * num_global + offs_n) * H + h
+    mask = key_ok[:, None] & (cols < D)[None, :]
+    tl.store(part_dk_ptr + rows[:, None] * D + cols[None, :], dk * scale, mask=mask)
+    tl.store(part_dv_ptr + rows[:, None] * D + cols[None, :], dv, mask=mask)
+
+
+def _row_delta(grad_out, out, grad_lse):
+    """delta = rowsum(dO * O) - dlse, fp32 [B, N, H]."""
+    rows, dim = grad_out.numel() // grad_out.shape[-1], grad_out.shape[-1]
+    delta = grad_out.new_empty(grad_out.shape[:-1], dtype=torch.float32)
+    block_d = triton.next_power_of_2(dim)
+    block_r = 16 if block_d > 64 else 32
+    grad_lse_arg = delta if grad_lse is None else grad_lse.float().contiguous()
+    _delta_kernel[(triton.cdiv(rows, block_r),)](grad_out, out, grad_lse_arg, delta, rows, dim,
+                                                HAS_GRAD_LSE=grad_lse is not None,
+                                                BLOCK_R=block_r, BLOCK_D=block_d)
+    return delta
+
+
+def _global_backward(q, k, v, grad_out, lse, delta, grads, num_global, causal, scale, block_d):
+    """Writes rows [0, G) of dq (global queries) and of dk, dv (global keys)."""
+    grad_q, grad_k, grad_v = grads
+    batch, n, heads, dim = q.shape
+    block_m, block_n = global_blocks(num_global)
+    common = dict(CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d,
+                  num_warps=4)
+    strides = (q.stride(0), q.stride(1), q.stride(2))
+    key_end = num_global if causal else n
+    splits, per_split = split_count(key_end, num_global, batch * heads, block_n)
+    part_dq = q.new_empty((splits, batch, num_global, heads, dim), dtype=torch.float32)
+    grid = (triton.cdiv(num_global, block_m) * splits * batch * heads,)
+    _global_query_dq_kernel[grid](q, k, v, grad_out, lse, delta, part_dq, *strides, batch, n,
+                                  heads, dim, num_global, key_end, per_split, splits,
+                                  scale * LOG2E, scale, BLOCK_M=block_m, BLOCK_N=block_n,
+                                  **common)
+    grad_q[:, :num_global] = part_dq.sum(0).to(grad_q.dtype)
+
+    # Here a program owns block_m global keys and walks the queries in tiles of block_n.
+    splits, per_split = split_count(n, num_global, batch * heads, block_n)
+    part_dk = q.new_empty((splits, batch, num_global, heads, dim), dtype=torch.float32)
+    part_dv = torch.empty_like(part_dk)
+    grid = (triton.cdiv(num_global, block_m) * splits * batch * heads,)
+    _global_key_dkdv_kernel[grid](q, k, v, grad_out, lse, delta, part_dk, part_dv, *strides,
+                                  batch, n, heads, dim, num_global, per_split, splits,
+                                  scale * LOG2E, scale, BLOCK_M=block_n, BLOCK_N=block_m,
+                                  **common)
+    grad_k[:, :num_global] = part_dk.sum(0).to(grad_k.dtype)
+    grad_v[:, :num_global] = part_dv.sum(0).to(grad_v.dtype)
+
+
+def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dilation,
+                              num_global, causal, scale):
+    """Gradients (dq, dk, dv) [B, N, H, D] in q's dtype of window_attention_forward."""
+    batch, n, heads, dim = q.shape
+    grads = tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    if q.numel() == 0:
+        return grads
+    q, k, v = prepare_inputs(q, k, v)
+    grad_out = grad_out.to(q.dtype).contiguous()
+    lse = lse.float().contiguous()
+    delta = _row_delta(grad_out, out.contiguous(), grad_lse)
+    window, dilation = effective_window(n, window, dilation)
+    block_d = max(16, triton.next_power_of_2(dim))
+    args = (q.stride(0), q.stride(1), q.stride(2), n, heads, dim, window, dilation, num_global,
+            scale * LOG2E, scale)
+    options = dict(CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d)
+    grad_q, grad_k, grad_v = grads
+    _band_dq_kernel[band_grid(batch * heads, n, dilation, "BLOCK_M")](
+        q, k, v, grad_out, lse, delta, grad_q, *args, **options)
+    _band_dkdv_kernel[band_grid(batch * heads, n, dilation, "BLOCK_N")](
+        q, k, v, grad_out, lse, delta, grad_k, grad_v, *args, **options)
+    if num_global > 0:
+        _global_backward(q, k, v, grad_out, lse, delta, grads, num_global, causal, scale, block_d)
+    return grads
