@@ -18,6 +18,8 @@ def main(argv=None):
     parser.add_argument("--problem", nargs="*", help="only these problems")
     parser.add_argument("--impl", nargs="*", help="only these implementations")
     parser.add_argument("--out", default="bench_results", help="folder for JSON and PNGs")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other families' rows of an existing results.json")
     args = parser.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -31,10 +33,13 @@ def main(argv=None):
 
     registry = load_families()
     rows = run_all(registry, device, quick, args.family, args.problem, args.impl)
-    report.add_ratios(rows)
     env = report.environment(device, quick)
     os.makedirs(args.out, exist_ok=True)
-    report.write_json(rows, env, os.path.join(args.out, "results.json"))
+    json_path = os.path.join(args.out, "results.json")
+    if args.merge:
+        rows = report.merge_rows(json_path, rows)
+    report.add_ratios(rows)
+    report.write_json(rows, env, json_path)
     pngs = report.plot_families(rows, env, args.out)
     print()
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | "

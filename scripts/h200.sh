@@ -29,10 +29,14 @@ for s in $STEPS; do
       run cuobjdump --list-elf gtkernels/_C*.so ;;
     test)
       step gpu tests
-      run python3 -m pytest -q -m gpu tests ${PYTEST_ARGS:-} ;;
+      GTK_INSTAFAIL=1 run python3 -m pytest -q -m gpu tests ${PYTEST_ARGS:-} ;;
     bench)
-      step bench
-      run python3 -m bench --out "$OUT/bench" ${BENCH_ARGS:-} ;;
+      # One process per family: a failing peer that breaks the CUDA context (a device-side
+      # assert) costs only its own family's rows.
+      for fam in ${BENCH_FAMILIES:-$(python3 -c "import bench.core.registry as r; print(' '.join(sorted({p.family for p in r.load_families().problems.values()})))")}; do
+        step "bench $fam"
+        run python3 -m bench --merge --family "$fam" --out "$OUT/bench" ${BENCH_ARGS:-}
+      done ;;
     wheel)
       step wheel
       rm -rf /tmp/gtk-wheel /tmp/gtk-venv

@@ -29,3 +29,11 @@ def _fresh_seed():
     """Fresh random inputs every run; the seed is printed on failure by pytest's -ra summary."""
     seed = torch.seed()
     yield seed
+
+
+def pytest_runtest_logreport(report):
+    """GTK_INSTAFAIL=1 prints each failure as it happens (GPU runs may be cut off by a
+    time limit before pytest's summary)."""
+    if report.failed and os.environ.get("GTK_INSTAFAIL") == "1":
+        text = report.longreprtext
+        print(f"\nFAILED {report.nodeid} ({report.when})\n{text[-1500:]}\n", flush=True)

@@ -70,6 +70,16 @@ def write_json(rows, env, path):
         json.dump({"environment": env, "results": clean}, f, indent=1)
 
 
+def merge_rows(path, rows):
+    """Rows of an earlier results.json whose family this run did not measure, then `rows`."""
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        old = json.load(f)["results"]
+    families = {r["family"] for r in rows}
+    return [r for r in old if r["family"] not in families] + rows
+
+
 def plot_families(rows, env, out_dir):
     """One PNG per family: fwd and fwd+bwd time of each implementation per problem (log)."""
     try:
