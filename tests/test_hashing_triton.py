@@ -1,5 +1,9 @@
 """Triton kernels of the hashing family against the C++ CPU kernels, through the interpreter
 (TRITON_INTERPRET=1) at small sizes, or on the GPU when there is one."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -103,3 +107,15 @@ def test_weighted_gather_sum_backward_kernel_without_weights(kernels):
     got, _ = kernels.weighted_gather_sum_backward(grad, table, idx, None, False)
     expected, _ = ops.weighted_gather_sum_backward(grad.cpu(), table.cpu(), idx.cpu(), None, False)
     _close(got, expected, 1e-6)
+
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter does not type-check: compiling for sm_90 (Triton's bundled ptxas, no GPU
+    needed) catches what only the compiler sees, e.g. loop-carried values changing type. Runs
+    in a fresh process: with TRITON_INTERPRET=1 the kernels are not compilable objects."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
+    done = subprocess.run([sys.executable, script, "gtkernels.triton.hashing"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr

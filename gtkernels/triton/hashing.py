@@ -20,12 +20,14 @@ def _acc_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _tuned(configs, key):
+def _tuned(configs, key, **autotune_options):
     """Autotunes on the GPU; the interpreter gets the launcher's explicit block sizes."""
     def wrap(kernel):
         unknown = set(key) - set(kernel.arg_names)
         assert not unknown, f"autotune keys {unknown} are not arguments of {kernel.__name__}"
-        return kernel if interpreting() else triton.autotune(configs=configs, key=key)(kernel)
+        if interpreting():
+            return kernel
+        return triton.autotune(configs=configs, key=key, **autotune_options)(kernel)
     return wrap
 
 
@@ -75,15 +77,27 @@ def _gather_sum_kernel(idx_ptr, w_ptr, table_ptr, bias_ptr, out_ptr, T, B, d, ro
     c_mask = cols < d
     mask = t_mask[:, None] & c_mask[None, :]
     table_m = table_ptr + m.to(tl.int64) * rows_per_table * d
+    entries = idx_ptr + tokens * B
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=ACC_DTYPE)
+    # Software-pipelined by hand: the gather and weight of entry b + 1 and the index of entry
+    # b + 2 are in flight while entry b is accumulated (the compiler does not pipeline these
+    # indirect loads itself).
+    row = tl.load(entries + 1, mask=t_mask & (1 < B), other=0).to(tl.int64)
+    vals = tl.load(table_m + tl.load(entries, mask=t_mask & (0 < B), other=0).to(tl.int64)[:, None]
+                   * d + cols[None, :], mask=mask & (0 < B), other=0.0)
+    if HAS_WEIGHTS:
+        w = tl.load(w_ptr + tokens * B, mask=t_mask & (0 < B), other=0.0)
     for b in range(0, B):
-        row = tl.load(idx_ptr + tokens * B + b, mask=t_mask, other=0).to(tl.int64)
-        vals = tl.load(table_m + row[:, None] * d + cols[None, :], mask=mask, other=0.0)
+        vals_next = tl.load(table_m + row[:, None] * d + cols[None, :],
+                            mask=mask & (b + 1 < B), other=0.0)
+        row = tl.load(entries + b + 2, mask=t_mask & (b + 2 < B), other=0).to(tl.int64)
         if HAS_WEIGHTS:
-            w = tl.load(w_ptr + tokens * B + b, mask=t_mask, other=0.0).to(ACC_DTYPE)
-            acc += w[:, None] * vals.to(ACC_DTYPE)
+            w_next = tl.load(w_ptr + tokens * B + b + 1, mask=t_mask & (b + 1 < B), other=0.0)
+            acc += w.to(ACC_DTYPE)[:, None] * vals.to(ACC_DTYPE)
+            w = w_next
         else:
             acc += vals.to(ACC_DTYPE)
+        vals = vals_next
     if HAS_BIAS:
         acc += tl.load(bias_ptr + m * d + cols, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :]
     out_ptrs = out_ptr + (m.to(tl.int64) * T + tokens[:, None]) * d + cols[None, :]
@@ -198,12 +212,24 @@ def hash_weights_backward(grad_weights, x, tau, weighting, temperature):
     return dx
 
 
-# Block sizes come from d (see _segment_blocks); the tuner picks warps and pipelining depth.
-_SEGMENT_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s)
-                    for w, s in [(4, 1), (4, 2), (4, 3), (8, 2), (8, 3), (2, 2)]]
+# BLOCK_D comes from d alone (see _segment_block_d): it sets grad_weights' summation order.
+# BLOCK_R (rows per program) changes no sum, so the tuner may pick it.
+_SEGMENT_CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w)
+                    for r in (2, 4, 8, 16, 32) for w in (4, 8)]
 
 
-@_tuned(_SEGMENT_CONFIGS, key=["d", "B", "HAS_WEIGHTS", "WEIGHTS_GRAD"])
+def _prune_segment_configs(configs, named_args, **kwargs):
+    """Tiles of 1024 to 8192 elements (fewer only where d is tiny), at most 32 per thread
+    (more spill: the tile lives in registers twice, accumulator and table rows)."""
+    block_d = kwargs["BLOCK_D"]
+    fits = [c for c in configs if c.kwargs["BLOCK_R"] * block_d <= 8192
+            and c.kwargs["BLOCK_R"] * block_d <= 32 * 32 * c.num_warps]
+    largest = max(c.kwargs["BLOCK_R"] for c in fits) * block_d
+    return [c for c in fits if c.kwargs["BLOCK_R"] * block_d >= min(1024, largest)]
+
+
+@_tuned(_SEGMENT_CONFIGS, key=["d", "B", "HAS_WEIGHTS", "WEIGHTS_GRAD"],
+        prune_configs_by={"early_config_prune": _prune_segment_configs})
 @triton.jit
 def _segment_sum_kernel(grad_ptr, table_ptr, order_ptr, offsets_ptr, w_ptr, grad_table_ptr,
                         grad_w_ptr, R, B, T, d, n,
@@ -223,29 +249,42 @@ def _segment_sum_kernel(grad_ptr, table_ptr, order_ptr, offsets_ptr, w_ptr, grad
     if WEIGHTS_GRAD:
         table_rows = tl.load(table_ptr + row_ptrs, mask=tile_mask, other=0.0).to(ACC_DTYPE)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC_DTYPE)
+    grad_m = grad_ptr + m * T * d
     # Entry j of every row at once; each row's entries in token order: a fixed summation order.
+    # Pipelined by hand: the dy rows and weights of entry j + 1 and the entry ids of j + 2
+    # load during j.
+    p = tl.load(order_ptr + start, mask=r_mask & (0 < length), other=0)
+    p_next = tl.load(order_ptr + start + 1, mask=r_mask & (1 < length), other=0)
+    g = tl.load(grad_m + (p // B)[:, None] * d + cols[None, :],
+                mask=(r_mask & (0 < length))[:, None] & c_mask[None, :], other=0.0)
+    if HAS_WEIGHTS:
+        w = tl.load(w_ptr + p, mask=r_mask & (0 < length), other=0.0)
     for j in range(0, tl.max(length, axis=0)):
         live = r_mask & (j < length)
-        p = tl.load(order_ptr + start + j, mask=live, other=0)
-        g = tl.load(grad_ptr + (m * T + p // B)[:, None] * d + cols[None, :],
-                    mask=live[:, None] & c_mask[None, :], other=0.0).to(ACC_DTYPE)
+        live_next = r_mask & (j + 1 < length)
+        g_next = tl.load(grad_m + (p_next // B)[:, None] * d + cols[None, :],
+                         mask=live_next[:, None] & c_mask[None, :], other=0.0)
+        p_after = tl.load(order_ptr + start + j + 2, mask=r_mask & (j + 2 < length), other=0)
+        g_acc = g.to(ACC_DTYPE)
         if HAS_WEIGHTS:
-            acc += tl.load(w_ptr + p, mask=live, other=0.0).to(ACC_DTYPE)[:, None] * g
+            w_next = tl.load(w_ptr + p_next, mask=live_next, other=0.0)
+            acc += w.to(ACC_DTYPE)[:, None] * g_acc
+            w = w_next
         else:
-            acc += g
+            acc += g_acc
         if WEIGHTS_GRAD:
-            partial = tl.sum(g * table_rows, axis=1)
+            partial = tl.sum(g_acc * table_rows, axis=1)
             tl.store(grad_w_ptr + tl.program_id(1).to(tl.int64) * n + p, partial, mask=live)
+        p, p_next, g = p_next, p_after, g_next
     tl.store(grad_table_ptr + row_ptrs, acc.to(grad_table_ptr.dtype.element_ty), mask=tile_mask)
 
 
-def _segment_blocks(d):
-    """(rows, columns) per program, fixed by d alone: grad_weights' summation order is too.
-    Up to 1024 columns, so that one program usually holds whole rows (no partial sums)."""
+def _segment_block_d(d):
+    """Columns per program, fixed by d alone: grad_weights' summation order is too. Up to 1024,
+    so that one program usually holds whole rows (no partial sums to add)."""
     if interpreting():  # small tiles: d = 300 still spans two column blocks
-        return 4, min(triton.next_power_of_2(max(d, 1)), 256)
-    block_d = min(triton.next_power_of_2(max(d, 1)), 1024)
-    return max(1, min(32, 4096 // block_d)), block_d
+        return min(triton.next_power_of_2(max(d, 1)), 256)
+    return min(triton.next_power_of_2(max(d, 1)), 1024)
 
 
 def weighted_gather_sum_backward(grad, table, idx, weights, weights_grad):
@@ -258,7 +297,7 @@ def weighted_gather_sum_backward(grad, table, idx, weights, weights_grad):
     n = T * B
     acc_dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
     grad_table = torch.empty_like(table)
-    block_r, block_d = _segment_blocks(d)
+    block_d = _segment_block_d(d)
     num_d_blocks = triton.cdiv(d, block_d)
     partial_w = torch.empty((M * num_d_blocks, n if weights_grad else 0), device=table.device,
                             dtype=acc_dtype)
@@ -268,16 +307,41 @@ def weighted_gather_sum_backward(grad, table, idx, weights, weights_grad):
         keys, order = torch.sort(idx.reshape(-1).to(key_dtype), stable=True)
         offsets = torch.searchsorted(keys, torch.arange(R + 1, device=keys.device,
                                                         dtype=key_dtype))
-        grid = (triton.cdiv(R, block_r), M * num_d_blocks)
+        meta = {} if not interpreting() else {"BLOCK_R": 4}
+        grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), M * num_d_blocks)  # noqa: E731
         _segment_sum_kernel[grid](
             grad, table, order, offsets,
             weights.contiguous() if weights is not None else table, grad_table,
             partial_w if weights_grad else table, R, B, T, d, n,
             HAS_WEIGHTS=weights is not None, WEIGHTS_GRAD=weights_grad,
-            ACC_DTYPE=_acc_dtype(table.dtype), BLOCK_R=block_r, BLOCK_D=block_d)
+            ACC_DTYPE=_acc_dtype(table.dtype), BLOCK_D=block_d, **meta)
     elif weights_grad:
         partial_w.zero_()
     if not weights_grad:
         return grad_table, partial_w.reshape(0)
     grad_w = partial_w[0] if partial_w.shape[0] == 1 else partial_w.sum(0)
     return grad_table, grad_w.view(T, B).to(weights.dtype)
+
+
+# Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed): name, constexprs,
+# argument types other than bf16 pointers and int32 scalars.
+_INDEX_TYPES = {"idx_ptr": "*i32", "rows_ptr": "*i32", "order_ptr": "*i64",
+                "offsets_ptr": "*i64", "w_ptr": "*fp32", "grad_w_ptr": "*fp32",
+                "two_over_t": "fp32"}
+COMPILE_CASES = [
+    ("_gather_sum_kernel", dict(HAS_WEIGHTS=True, HAS_BIAS=True, ACC_DTYPE=tl.float32,
+                                BLOCK_T=16, BLOCK_D=256), _INDEX_TYPES),
+    ("_gather_sum_kernel", dict(HAS_WEIGHTS=False, HAS_BIAS=False, ACC_DTYPE=tl.float64,
+                                BLOCK_T=64, BLOCK_D=64),
+     dict(_INDEX_TYPES, idx_ptr="*i64", table_ptr="*fp64", out_ptr="*fp64")),
+    ("_hash_weights_kernel", dict(TAU=8, WEIGHTING=1, ACC_DTYPE=tl.float32, BLOCK=256),
+     _INDEX_TYPES),
+    ("_hash_weights_backward_kernel", dict(TAU=5, WEIGHTING=0, ACC_DTYPE=tl.float32,
+                                           BLOCK=256), _INDEX_TYPES),
+    ("_hash_weights_backward_kernel", dict(TAU=12, WEIGHTING=1, ACC_DTYPE=tl.float32,
+                                           BLOCK=256), _INDEX_TYPES),
+    ("_segment_sum_kernel", dict(HAS_WEIGHTS=True, WEIGHTS_GRAD=True, ACC_DTYPE=tl.float32,
+                                 BLOCK_R=4, BLOCK_D=1024), _INDEX_TYPES),
+    ("_segment_sum_kernel", dict(HAS_WEIGHTS=False, WEIGHTS_GRAD=False, ACC_DTYPE=tl.float32,
+                                 BLOCK_R=32, BLOCK_D=128), _INDEX_TYPES),
+]
