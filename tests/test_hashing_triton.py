@@ -30,8 +30,15 @@ def _close(got, expected, tol):
 
 @pytest.fixture(scope="module")
 def kernels():
-    from gtkernels.triton import hashing
-    return hashing
+    """The Triton launchers of both modules under one namespace."""
+    from gtkernels.triton import gather_sum, hashing
+    return type("Launchers", (), {
+        "hashed_lookup": staticmethod(hashing.hashed_lookup),
+        "hash_weights": staticmethod(hashing.hash_weights),
+        "hash_weights_backward": staticmethod(hashing.hash_weights_backward),
+        "weighted_gather_sum": staticmethod(gather_sum.weighted_gather_sum),
+        "weighted_gather_sum_backward": staticmethod(gather_sum.weighted_gather_sum_backward),
+    })
 
 
 def _tol(dtype):
@@ -116,6 +123,7 @@ def test_kernels_compile_for_sm90():
     in a fresh process: with TRITON_INTERPRET=1 the kernels are not compilable objects."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
-    done = subprocess.run([sys.executable, script, "gtkernels.triton.hashing"], env=env,
+    done = subprocess.run([sys.executable, script, "gtkernels.triton.hashing",
+                           "gtkernels.triton.gather_sum"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

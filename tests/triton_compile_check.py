@@ -1,6 +1,6 @@
 """Compiles a module's Triton kernels for sm_90 without a GPU (Triton's bundled ptxas).
 
-    python tests/triton_compile_check.py gtkernels.triton.hashing
+    python tests/triton_compile_check.py gtkernels.triton.hashing [more modules]
 
 The module lists its cases in COMPILE_CASES: (kernel name, constexpr values, argument types
 that differ from the default: "*bf16" for *_ptr arguments, "i32" for the others). Pointers and
@@ -43,4 +43,5 @@ def main(module_name):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    for name in sys.argv[1:]:
+        main(name)

@@ -1,34 +1,15 @@
-"""Triton kernels of the hashed-lookup family, registered as the CUDA kernels of its ops.
-
-Forward (hashed_lookup, weighted_gather_sum): one program per (token block, table, column
-block) loops over the B = K chunks / bag entries, gathers each selected row's column slice and
-accumulates in fp32. hashed_lookup first writes its rows and weights [T, K] in a hash pass.
-Backward: entries (t, b) sorted by row (stable torch.sort: deterministic), then one program per
-block of rows walks each row's entries in token order: the table gradient of each element is a
-sequential fp32 sum in a fixed order, written once, without atomics.
-"""
+"""Triton kernels of hashed_lookup's hash: rows k * 2**tau + code and weights of each chunk,
+and the weights' backward. The CUDA hashed_lookup is this hash pass, then the weighted
+gather-sum of gather_sum.py: each chunk's code is computed once, not once per column tile
+and per thread that shares its token."""
 import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from ._common import acc_dtype, on_input_device
+from .gather_sum import gather_sum
 
 WEIGHTING_CODES = {"softmax": 0, "l1_softmax": 1, "none": 2}
-
-
-def _acc_dtype(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _tuned(configs, key, **autotune_options):
-    """Autotunes on the GPU; the interpreter gets the launcher's explicit block sizes."""
-    def wrap(kernel):
-        unknown = set(key) - set(kernel.arg_names)
-        assert not unknown, f"autotune keys {unknown} are not arguments of {kernel.__name__}"
-        if interpreting():
-            return kernel
-        return triton.autotune(configs=configs, key=key, **autotune_options)(kernel)
-    return wrap
 
 
 @triton.jit
@@ -57,93 +38,18 @@ def _code_and_weight(chunk_ptrs, mask, two_over_t, TAU: tl.constexpr, WEIGHTING:
     return code, weight
 
 
-_FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w)
-    for bt, bd, w in [(16, 256, 4), (32, 256, 8), (32, 128, 4), (64, 128, 8), (16, 512, 8),
-                      (64, 64, 4), (8, 512, 4), (16, 128, 4)]
-]
-
-
-@_tuned(_FORWARD_CONFIGS, key=["d", "B", "HAS_WEIGHTS"])
-@triton.jit
-def _gather_sum_kernel(idx_ptr, w_ptr, table_ptr, bias_ptr, out_ptr, T, B, d, rows_per_table,
-                       HAS_WEIGHTS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    num_d_blocks = tl.cdiv(d, BLOCK_D)
-    m = tl.program_id(1) // num_d_blocks
-    cols = (tl.program_id(1) % num_d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
-    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    t_mask = tokens < T
-    c_mask = cols < d
-    mask = t_mask[:, None] & c_mask[None, :]
-    table_m = table_ptr + m.to(tl.int64) * rows_per_table * d
-    entries = idx_ptr + tokens * B
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=ACC_DTYPE)
-    # Software-pipelined by hand: the gather and weight of entry b + 1 and the index of entry
-    # b + 2 are in flight while entry b is accumulated (the compiler does not pipeline these
-    # indirect loads itself).
-    row = tl.load(entries + 1, mask=t_mask & (1 < B), other=0).to(tl.int64)
-    vals = tl.load(table_m + tl.load(entries, mask=t_mask & (0 < B), other=0).to(tl.int64)[:, None]
-                   * d + cols[None, :], mask=mask & (0 < B), other=0.0)
-    if HAS_WEIGHTS:
-        w = tl.load(w_ptr + tokens * B, mask=t_mask & (0 < B), other=0.0)
-    for b in range(0, B):
-        vals_next = tl.load(table_m + row[:, None] * d + cols[None, :],
-                            mask=mask & (b + 1 < B), other=0.0)
-        row = tl.load(entries + b + 2, mask=t_mask & (b + 2 < B), other=0).to(tl.int64)
-        if HAS_WEIGHTS:
-            w_next = tl.load(w_ptr + tokens * B + b + 1, mask=t_mask & (b + 1 < B), other=0.0)
-            acc += w.to(ACC_DTYPE)[:, None] * vals.to(ACC_DTYPE)
-            w = w_next
-        else:
-            acc += vals.to(ACC_DTYPE)
-        vals = vals_next
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + m * d + cols, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :]
-    out_ptrs = out_ptr + (m.to(tl.int64) * T + tokens[:, None]) * d + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _gather_sum(table, idx, weights, bias, rows_per_table, out):
-    """out [M, T, d] = sum_b weights[:, b] * table[m, idx[:, b]] (+ bias[m]); table [M, rows, d]."""
-    M, T, d = out.shape
-    meta = {} if not interpreting() else {"BLOCK_T": 16, "BLOCK_D": 32}
-
-    def grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_T"]), M * triton.cdiv(d, meta["BLOCK_D"]))
-
-    _gather_sum_kernel[grid](
-        idx, weights if weights is not None else table, table,
-        bias if bias is not None else table, out, T, idx.shape[1], d, rows_per_table,
-        HAS_WEIGHTS=weights is not None, HAS_BIAS=bias is not None,
-        ACC_DTYPE=_acc_dtype(table.dtype), **meta)
-    return out
-
-
+@on_input_device
 def hashed_lookup(x, tables, bias, tau, weighting, temperature):
-    """x [T, K * tau], tables [M, K, 2**tau, d], bias [M, d] or None -> y [M, T, d].
-
-    Two passes: the hash writes rows and weights [T, K] (8 bytes per chunk, each computed once
-    rather than once per column tile and per thread sharing a token), then the gather."""
+    """x [T, K * tau], tables [M, K, 2**tau, d], bias [M, d] or None -> y [M, T, d]: the hash
+    pass writes rows and weights [T, K] (8 bytes per chunk), then the gather-sum pass."""
     tables = tables.contiguous()
     M, K, R, d = tables.shape
     out = torch.empty((M, x.shape[0], d), device=x.device, dtype=tables.dtype)
     if out.numel() == 0:
         return out
     rows, weights = hash_weights(x, tau, weighting, temperature)
-    return _gather_sum(tables, rows, weights if weighting != "none" else None,
+    return gather_sum(tables, rows, weights if weighting != "none" else None,
                        bias.contiguous() if bias is not None else None, K * R, out)
-
-
-def weighted_gather_sum(table, idx, weights):
-    """table [M, R, d], idx [T, B], weights [T, B] or None -> y [M, T, d]."""
-    table = table.contiguous()
-    M, R, d = table.shape
-    out = torch.empty((M, idx.shape[0], d), device=table.device, dtype=table.dtype)
-    if out.numel() == 0:
-        return out
-    return _gather_sum(table, idx.contiguous(), weights.contiguous() if weights is not None
-                       else None, None, R, out)
 
 
 @triton.jit
@@ -156,6 +62,7 @@ def _hash_weights_kernel(x_ptr, rows_ptr, w_ptr, n_codes, K, two_over_t, TAU: tl
     tl.store(w_ptr + c, w, mask=mask)
 
 
+@on_input_device
 def hash_weights(x, tau, weighting, temperature):
     """x [T, K * tau] -> (rows int32 [T, K] = k * 2**tau + code, weights fp32 [T, K])."""
     x = x.contiguous()
@@ -167,7 +74,7 @@ def hash_weights(x, tau, weighting, temperature):
         block = 256
         _hash_weights_kernel[(triton.cdiv(T * K, block),)](
             x, rows, weights, T * K, K, 2.0 / temperature, TAU=tau,
-            WEIGHTING=WEIGHTING_CODES[weighting], ACC_DTYPE=_acc_dtype(x.dtype), BLOCK=block)
+            WEIGHTING=WEIGHTING_CODES[weighting], ACC_DTYPE=acc_dtype(x.dtype), BLOCK=block)
     return rows, weights
 
 
@@ -198,6 +105,7 @@ def _hash_weights_backward_kernel(grad_w_ptr, x_ptr, dx_ptr, n_codes, two_over_t
         tl.store(dx_ptr + c * TAU + i, (grad_w * dw).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@on_input_device
 def hash_weights_backward(grad_weights, x, tau, weighting, temperature):
     """grad_weights [T, K], x [T, K * tau] -> dx [T, K * tau] (x's dtype)."""
     x = x.contiguous()
@@ -208,140 +116,17 @@ def hash_weights_backward(grad_weights, x, tau, weighting, temperature):
     block = 256
     _hash_weights_backward_kernel[(triton.cdiv(n_codes, block),)](
         grad_weights.contiguous(), x, dx, n_codes, 2.0 / temperature, TAU=tau,
-        WEIGHTING=WEIGHTING_CODES[weighting], ACC_DTYPE=_acc_dtype(x.dtype), BLOCK=block)
+        WEIGHTING=WEIGHTING_CODES[weighting], ACC_DTYPE=acc_dtype(x.dtype), BLOCK=block)
     return dx
 
 
-# BLOCK_D comes from d alone (see _segment_block_d): it sets grad_weights' summation order.
-# BLOCK_R (rows per program) changes no sum, so the tuner may pick it.
-_SEGMENT_CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w)
-                    for r in (2, 4, 8, 16, 32) for w in (4, 8)]
-
-
-def _prune_segment_configs(configs, named_args, **kwargs):
-    """Tiles of 1024 to 8192 elements (fewer only where d is tiny), at most 32 per thread
-    (more spill: the tile lives in registers twice, accumulator and table rows)."""
-    block_d = kwargs["BLOCK_D"]
-    fits = [c for c in configs if c.kwargs["BLOCK_R"] * block_d <= 8192
-            and c.kwargs["BLOCK_R"] * block_d <= 32 * 32 * c.num_warps]
-    largest = max(c.kwargs["BLOCK_R"] for c in fits) * block_d
-    return [c for c in fits if c.kwargs["BLOCK_R"] * block_d >= min(1024, largest)]
-
-
-@_tuned(_SEGMENT_CONFIGS, key=["d", "B", "HAS_WEIGHTS", "WEIGHTS_GRAD"],
-        prune_configs_by={"early_config_prune": _prune_segment_configs})
-@triton.jit
-def _segment_sum_kernel(grad_ptr, table_ptr, order_ptr, offsets_ptr, w_ptr, grad_table_ptr,
-                        grad_w_ptr, R, B, T, d, n,
-                        HAS_WEIGHTS: tl.constexpr, WEIGHTS_GRAD: tl.constexpr,
-                        ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    num_d_blocks = tl.cdiv(d, BLOCK_D)
-    m = (tl.program_id(1) // num_d_blocks).to(tl.int64)
-    d_block = tl.program_id(1) % num_d_blocks
-    cols = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
-    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    r_mask = rows < R
-    c_mask = cols < d
-    tile_mask = r_mask[:, None] & c_mask[None, :]
-    start = tl.load(offsets_ptr + rows, mask=r_mask, other=0)
-    length = tl.load(offsets_ptr + rows + 1, mask=r_mask, other=0) - start
-    row_ptrs = (m * R + rows[:, None]) * d + cols[None, :]
-    if WEIGHTS_GRAD:
-        table_rows = tl.load(table_ptr + row_ptrs, mask=tile_mask, other=0.0).to(ACC_DTYPE)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC_DTYPE)
-    grad_m = grad_ptr + m * T * d
-    # Entry j of every row at once; each row's entries in token order: a fixed summation order.
-    # Pipelined by hand: the dy rows and weights of entry j + 1 and the entry ids of j + 2
-    # load during j.
-    p = tl.load(order_ptr + start, mask=r_mask & (0 < length), other=0)
-    p_next = tl.load(order_ptr + start + 1, mask=r_mask & (1 < length), other=0)
-    g = tl.load(grad_m + (p // B)[:, None] * d + cols[None, :],
-                mask=(r_mask & (0 < length))[:, None] & c_mask[None, :], other=0.0)
-    if HAS_WEIGHTS:
-        w = tl.load(w_ptr + p, mask=r_mask & (0 < length), other=0.0)
-    for j in range(0, tl.max(length, axis=0)):
-        live = r_mask & (j < length)
-        live_next = r_mask & (j + 1 < length)
-        g_next = tl.load(grad_m + (p_next // B)[:, None] * d + cols[None, :],
-                         mask=live_next[:, None] & c_mask[None, :], other=0.0)
-        p_after = tl.load(order_ptr + start + j + 2, mask=r_mask & (j + 2 < length), other=0)
-        g_acc = g.to(ACC_DTYPE)
-        if HAS_WEIGHTS:
-            w_next = tl.load(w_ptr + p_next, mask=live_next, other=0.0)
-            acc += w.to(ACC_DTYPE)[:, None] * g_acc
-            w = w_next
-        else:
-            acc += g_acc
-        if WEIGHTS_GRAD:
-            partial = tl.sum(g_acc * table_rows, axis=1)
-            tl.store(grad_w_ptr + tl.program_id(1).to(tl.int64) * n + p, partial, mask=live)
-        p, p_next, g = p_next, p_after, g_next
-    tl.store(grad_table_ptr + row_ptrs, acc.to(grad_table_ptr.dtype.element_ty), mask=tile_mask)
-
-
-def _segment_block_d(d):
-    """Columns per program, fixed by d alone: grad_weights' summation order is too. Up to 1024,
-    so that one program usually holds whole rows (no partial sums to add)."""
-    if interpreting():  # small tiles: d = 300 still spans two column blocks
-        return min(triton.next_power_of_2(max(d, 1)), 256)
-    return min(triton.next_power_of_2(max(d, 1)), 1024)
-
-
-def weighted_gather_sum_backward(grad, table, idx, weights, weights_grad):
-    """grad [M, T, d], table [M, R, d], idx [T, B], weights [T, B] or None ->
-    (grad_table [M, R, d], grad_weights [T, B] in weights' dtype, or [0] if not weights_grad)."""
-    table, idx = table.contiguous(), idx.contiguous()
-    grad = grad.to(table.dtype).contiguous()
-    M, R, d = table.shape
-    T, B = idx.shape
-    n = T * B
-    acc_dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
-    grad_table = torch.empty_like(table)
-    block_d = _segment_block_d(d)
-    num_d_blocks = triton.cdiv(d, block_d)
-    partial_w = torch.empty((M * num_d_blocks, n if weights_grad else 0), device=table.device,
-                            dtype=acc_dtype)
-    if grad_table.numel() > 0:
-        # int32 keys halve the radix passes of the sort; stable keeps token order per row.
-        key_dtype = torch.int32 if R < 2**31 - 1 else torch.int64
-        keys, order = torch.sort(idx.reshape(-1).to(key_dtype), stable=True)
-        offsets = torch.searchsorted(keys, torch.arange(R + 1, device=keys.device,
-                                                        dtype=key_dtype))
-        meta = {} if not interpreting() else {"BLOCK_R": 4}
-        grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), M * num_d_blocks)  # noqa: E731
-        _segment_sum_kernel[grid](
-            grad, table, order, offsets,
-            weights.contiguous() if weights is not None else table, grad_table,
-            partial_w if weights_grad else table, R, B, T, d, n,
-            HAS_WEIGHTS=weights is not None, WEIGHTS_GRAD=weights_grad,
-            ACC_DTYPE=_acc_dtype(table.dtype), BLOCK_D=block_d, **meta)
-    elif weights_grad:
-        partial_w.zero_()
-    if not weights_grad:
-        return grad_table, partial_w.reshape(0)
-    grad_w = partial_w[0] if partial_w.shape[0] == 1 else partial_w.sum(0)
-    return grad_table, grad_w.view(T, B).to(weights.dtype)
-
-
-# Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed): name, constexprs,
-# argument types other than bf16 pointers and int32 scalars.
-_INDEX_TYPES = {"idx_ptr": "*i32", "rows_ptr": "*i32", "order_ptr": "*i64",
-                "offsets_ptr": "*i64", "w_ptr": "*fp32", "grad_w_ptr": "*fp32",
-                "two_over_t": "fp32"}
+# Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed).
+_ARG_TYPES = {"rows_ptr": "*i32", "w_ptr": "*fp32", "grad_w_ptr": "*fp32", "two_over_t": "fp32"}
 COMPILE_CASES = [
-    ("_gather_sum_kernel", dict(HAS_WEIGHTS=True, HAS_BIAS=True, ACC_DTYPE=tl.float32,
-                                BLOCK_T=16, BLOCK_D=256), _INDEX_TYPES),
-    ("_gather_sum_kernel", dict(HAS_WEIGHTS=False, HAS_BIAS=False, ACC_DTYPE=tl.float64,
-                                BLOCK_T=64, BLOCK_D=64),
-     dict(_INDEX_TYPES, idx_ptr="*i64", table_ptr="*fp64", out_ptr="*fp64")),
     ("_hash_weights_kernel", dict(TAU=8, WEIGHTING=1, ACC_DTYPE=tl.float32, BLOCK=256),
-     _INDEX_TYPES),
+     _ARG_TYPES),
     ("_hash_weights_backward_kernel", dict(TAU=5, WEIGHTING=0, ACC_DTYPE=tl.float32,
-                                           BLOCK=256), _INDEX_TYPES),
+                                           BLOCK=256), _ARG_TYPES),
     ("_hash_weights_backward_kernel", dict(TAU=12, WEIGHTING=1, ACC_DTYPE=tl.float32,
-                                           BLOCK=256), _INDEX_TYPES),
-    ("_segment_sum_kernel", dict(HAS_WEIGHTS=True, WEIGHTS_GRAD=True, ACC_DTYPE=tl.float32,
-                                 BLOCK_R=4, BLOCK_D=1024), _INDEX_TYPES),
-    ("_segment_sum_kernel", dict(HAS_WEIGHTS=False, WEIGHTS_GRAD=False, ACC_DTYPE=tl.float32,
-                                 BLOCK_R=32, BLOCK_D=128), _INDEX_TYPES),
+                                           BLOCK=256), _ARG_TYPES),
 ]
