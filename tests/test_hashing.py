@@ -239,6 +239,20 @@ def test_hashed_lookup_cuda_equals_cpu(M):
         assert rel_err(g.cpu(), c) < 1e-2, name
 
 
+@pytest.mark.gpu
+def test_hashed_lookup_mem_base_gradients_bitwise_identical_over_10_runs():
+    """The acceptance check at BENCH.md's mem-base size: T=16,384, d=1024, tau=8, bf16."""
+    x, tables, _ = _lookup_inputs("cuda", torch.bfloat16, (16384,), 128, 8, 1024, None,
+                                  with_bias=False)
+    x.requires_grad_()
+    tables.requires_grad_()
+    grad_out = torch.randn(16384, 1024, device="cuda", dtype=torch.bfloat16)
+    first = torch.autograd.grad(gk.hashed_lookup(x, tables, tau=8), (x, tables), grad_out)
+    for _ in range(9):
+        again = torch.autograd.grad(gk.hashed_lookup(x, tables, tau=8), (x, tables), grad_out)
+        assert torch.equal(again[1], first[1]) and torch.equal(again[0], first[0])
+
+
 def _bad_lookup(x_shape=(4, 16), table_shape=(4, 16, 8), tau=4, x_dtype=torch.float32,
                 table_dtype=torch.float32, table_device="cpu", **kwargs):
     x = torch.randn(x_shape, dtype=x_dtype) if x_dtype.is_floating_point else \
