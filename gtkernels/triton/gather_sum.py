@@ -37,17 +37,19 @@ def _gather_sum_kernel(idx_ptr, w_ptr, table_ptr, bias_ptr, out_ptr, T, B, d, ro
     table_m = table_ptr + m.to(tl.int64) * rows_per_table * d
     entries = idx_ptr + tokens * B
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=ACC_DTYPE)
+    # Table rows are re-read by other token blocks: kept in L2 (evict_last).
     # Software-pipelined by hand: the gather and weight of entry b + 1 and the index of entry
     # b + 2 are in flight while entry b is accumulated (the compiler does not pipeline these
     # indirect loads itself).
     row = tl.load(entries + 1, mask=t_mask & (1 < B), other=0).to(tl.int64)
-    vals = tl.load(table_m + tl.load(entries, mask=t_mask & (0 < B), other=0).to(tl.int64)[:, None]
-                   * d + cols[None, :], mask=mask & (0 < B), other=0.0)
+    first = tl.load(entries, mask=t_mask & (0 < B), other=0).to(tl.int64)
+    vals = tl.load(table_m + first[:, None] * d + cols[None, :], mask=mask & (0 < B), other=0.0,
+                   eviction_policy="evict_last")
     if HAS_WEIGHTS:
         w = tl.load(w_ptr + tokens * B, mask=t_mask & (0 < B), other=0.0)
     for b in range(0, B):
         vals_next = tl.load(table_m + row[:, None] * d + cols[None, :],
-                            mask=mask & (b + 1 < B), other=0.0)
+                            mask=mask & (b + 1 < B), other=0.0, eviction_policy="evict_last")
         row = tl.load(entries + b + 2, mask=t_mask & (b + 2 < B), other=0).to(tl.int64)
         if HAS_WEIGHTS:
             w_next = tl.load(w_ptr + tokens * B + b + 1, mask=t_mask & (b + 1 < B), other=0.0)
@@ -125,24 +127,29 @@ def _segment_sum_kernel(grad_ptr, table_ptr, order_ptr, offsets_ptr, w_ptr, grad
     length = tl.load(offsets_ptr + rows + 1, mask=r_mask, other=0) - start
     row_ptrs = (m * R + rows[:, None]) * d + cols[None, :]
     if WEIGHTS_GRAD:
-        table_rows = tl.load(table_ptr + row_ptrs, mask=tile_mask, other=0.0).to(ACC_DTYPE)
+        table_rows = tl.load(table_ptr + row_ptrs, mask=tile_mask, other=0.0,
+                             eviction_policy="evict_first").to(ACC_DTYPE)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC_DTYPE)
     grad_m = grad_ptr + m * T * d
     # Entry j of every row at once; each row's entries in token order: a fixed summation order.
+    # dy rows are re-read by other rows' entries: kept in L2; table rows and ids stream once.
     # Pipelined by hand: the dy rows and weights of entry j + 1 and the entry ids of j + 2
     # load during j.
     p = tl.load(order_ptr + start, mask=r_mask & (0 < length), other=0)
     p_next = tl.load(order_ptr + start + 1, mask=r_mask & (1 < length), other=0)
     g = tl.load(grad_m + (p // B)[:, None] * d + cols[None, :],
-                mask=(r_mask & (0 < length))[:, None] & c_mask[None, :], other=0.0)
+                mask=(r_mask & (0 < length))[:, None] & c_mask[None, :], other=0.0,
+                eviction_policy="evict_last")
     if HAS_WEIGHTS:
         w = tl.load(w_ptr + p, mask=r_mask & (0 < length), other=0.0)
     for j in range(0, tl.max(length, axis=0)):
         live = r_mask & (j < length)
         live_next = r_mask & (j + 1 < length)
         g_next = tl.load(grad_m + (p_next // B)[:, None] * d + cols[None, :],
-                         mask=live_next[:, None] & c_mask[None, :], other=0.0)
-        p_after = tl.load(order_ptr + start + j + 2, mask=r_mask & (j + 2 < length), other=0)
+                         mask=live_next[:, None] & c_mask[None, :], other=0.0,
+                         eviction_policy="evict_last")
+        p_after = tl.load(order_ptr + start + j + 2, mask=r_mask & (j + 2 < length), other=0,
+                          eviction_policy="evict_first")
         g_acc = g.to(ACC_DTYPE)
         if HAS_WEIGHTS:
             w_next = tl.load(w_ptr + p_next, mask=live_next, other=0.0)
