@@ -140,6 +140,21 @@ def test_hashed_lookup_gradcheck(weighting, M):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+@pytest.mark.parametrize("wanted", ["x", "tables", "bias"])
+def test_hashed_lookup_gradient_of_one_input(weighting, wanted):
+    x, tables, bias = _lookup_inputs("cpu", torch.float64, (9,), 3, 4, 6, None)
+    inputs = {"x": x, "tables": tables, "bias": bias}
+    inputs[wanted].requires_grad_()
+    grad_out = torch.randn(9, 6, dtype=torch.float64)
+    y = gk.hashed_lookup(x, tables, tau=4, weighting=weighting, bias=bias)
+    (got,) = torch.autograd.grad(y, inputs[wanted], grad_out)
+    y_ref = ref.hashed_lookup(x, tables, 4, weighting, 1.0, bias)
+    (expected,) = torch.autograd.grad(y_ref, inputs[wanted], grad_out, allow_unused=True,
+                                      materialize_grads=True)
+    torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("tau", [1, 2, 3, 5, 6])
 @pytest.mark.parametrize("temperature", [1.0, 0.3])
 def test_softmax_weighting_equals_explicit_softmax_over_codes(tau, temperature):
