@@ -150,8 +150,10 @@ def test_hashed_lookup_gradient_of_one_input(weighting, wanted):
     y = gk.hashed_lookup(x, tables, tau=4, weighting=weighting, bias=bias)
     (got,) = torch.autograd.grad(y, inputs[wanted], grad_out)
     y_ref = ref.hashed_lookup(x, tables, 4, weighting, 1.0, bias)
-    (expected,) = torch.autograd.grad(y_ref, inputs[wanted], grad_out, allow_unused=True,
-                                      materialize_grads=True)
+    if y_ref.requires_grad:
+        (expected,) = torch.autograd.grad(y_ref, inputs[wanted], grad_out)
+    else:  # weighting "none": x only picks the rows
+        expected = torch.zeros_like(inputs[wanted])
     torch.testing.assert_close(got, expected)
 
 
