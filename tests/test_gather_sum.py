@@ -160,7 +160,8 @@ def _bad_gather(table_shape=(10, 4), idx=None, weights=None, idx_device="cpu", *
     (_bad_gather(idx=torch.tensor([0, 1])), ValueError, "idx must have 2 dims"),
     (_bad_gather(table_shape=(10,)), ValueError, r"table must be \[R, d\] or \[M, R, d\]"),
     (_bad_gather(weights=torch.randn(3, 3)), ValueError, r"weights must be \[T, B\] = \[3, 2\]"),
-    (_bad_gather(weights=torch.randn(3, 2, dtype=torch.float16)), TypeError, "weights must have dtype"),
+    (_bad_gather(weights=torch.randn(3, 2, dtype=torch.float16)), TypeError,
+     "weights must have dtype"),
     (_bad_gather(idx_device="meta"), ValueError, "idx is on meta"),
 ])
 def test_weighted_gather_sum_bad_inputs(bad, error, match):

@@ -280,9 +280,11 @@ def _bad_lookup(x_shape=(4, 16), table_shape=(4, 16, 8), tau=4, x_dtype=torch.fl
 
 @pytest.mark.parametrize("bad,error,match", [
     (_bad_lookup(x_shape=(4, 18)), ValueError, r"x's last dim \(18\) must be divisible by tau"),
-    (_bad_lookup(table_shape=(4, 8, 8)), ValueError, r"tables must be \[K, 2\*\*tau, d_out\] = \[4, 16, 8\]"),
+    (_bad_lookup(table_shape=(4, 8, 8)), ValueError,
+     r"tables must be \[K, 2\*\*tau, d_out\] = \[4, 16, 8\]"),
     (_bad_lookup(table_shape=(3, 16, 8)), ValueError, r"tables must be \[K, 2\*\*tau"),
-    (_bad_lookup(table_shape=(2, 5, 16, 8)), ValueError, r"tables must be \[M, K, 2\*\*tau, d_out\]"),
+    (_bad_lookup(table_shape=(2, 5, 16, 8)), ValueError,
+     r"tables must be \[M, K, 2\*\*tau, d_out\]"),
     (_bad_lookup(table_shape=(16, 8)), ValueError, r"tables must be \[K, 2\*\*tau, d_out\] or"),
     (_bad_lookup(table_dtype=torch.bfloat16), TypeError, "tables has dtype"),
     (_bad_lookup(x_dtype=torch.int64), TypeError, "x must have dtype"),
