@@ -192,3 +192,18 @@ def test_weighted_gather_sum_end_to_end_through_triton(M):
     expected = torch.autograd.grad(y_ref, (table, weights), grad_out)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("R", [1, 32768, 40000])  # int16 keys up to 2**15 rows, int32 past
+def test_sort_by_row_is_stable_with_row_offsets(R):
+    from gtkernels.triton.gather_sum import _sort_by_row
+
+    idx = torch.randint(0, R, (300, 5), device=_device())
+    idx[0, 0], idx[-1, -1] = R - 1, 0
+    order, offsets = _sort_by_row(idx, R)
+    flat = idx.reshape(-1).cpu()
+    expected_order = torch.sort(flat, stable=True)[1]
+    assert torch.equal(order.cpu(), expected_order)
+    counts = torch.bincount(flat, minlength=R)
+    assert torch.equal(offsets.cpu(), torch.cat([torch.zeros(1, dtype=torch.int64),
+                                                 counts.cumsum(0)]))

@@ -174,6 +174,18 @@ def _segment_block_d(d):
     return min(triton.next_power_of_2(max(d, 1)), 1024)
 
 
+def _sort_by_row(idx, R):
+    """Entries p = t * B + b of idx sorted by row, stable (so in token order within a row):
+    (order int64 [T * B], offsets int64 [R + 1]); row r's entries are
+    order[offsets[r]:offsets[r + 1]]. The narrowest key dtype that holds R - 1 cuts the radix
+    passes: 2 for hashed_lookup's K * 2**tau = 32,768 rows (int16), 4 for int32."""
+    key_dtype = next(dt for dt in (torch.int16, torch.int32, torch.int64)
+                     if R - 1 <= torch.iinfo(dt).max)
+    keys, order = torch.sort(idx.reshape(-1).to(key_dtype), stable=True)
+    starts = torch.searchsorted(keys, torch.arange(R, device=keys.device, dtype=key_dtype))
+    return order, torch.cat([starts, starts.new_full((1,), keys.numel())])
+
+
 @on_input_device
 def weighted_gather_sum_backward(grad, table, idx, weights, weights_grad):
     """grad [M, T, d], table [M, R, d], idx [T, B], weights [T, B] or None ->
@@ -190,11 +202,7 @@ def weighted_gather_sum_backward(grad, table, idx, weights, weights_grad):
     partial_w = torch.empty((M * num_d_blocks, n if weights_grad else 0), device=table.device,
                             dtype=grad_w_dtype)
     if grad_table.numel() > 0:
-        # int32 keys halve the radix passes of the sort; stable keeps token order per row.
-        key_dtype = torch.int32 if R < 2**31 - 1 else torch.int64
-        keys, order = torch.sort(idx.reshape(-1).to(key_dtype), stable=True)
-        offsets = torch.searchsorted(keys, torch.arange(R + 1, device=keys.device,
-                                                        dtype=key_dtype))
+        order, offsets = _sort_by_row(idx, R)
         meta = {} if not interpreting() else {"BLOCK_R": 4}
         grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), M * num_d_blocks)  # noqa: E731
         _segment_sum_kernel[grid](
