@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -32,13 +33,11 @@ def _close(got, expected, tol):
 def kernels():
     """The Triton launchers of both modules under one namespace."""
     from gtkernels.triton import gather_sum, hashing
-    return type("Launchers", (), {
-        "hashed_lookup": staticmethod(hashing.hashed_lookup),
-        "hash_weights": staticmethod(hashing.hash_weights),
-        "hash_weights_backward": staticmethod(hashing.hash_weights_backward),
-        "weighted_gather_sum": staticmethod(gather_sum.weighted_gather_sum),
-        "weighted_gather_sum_backward": staticmethod(gather_sum.weighted_gather_sum_backward),
-    })
+    return types.SimpleNamespace(
+        hashed_lookup=hashing.hashed_lookup, hash_weights=hashing.hash_weights,
+        hash_weights_backward=hashing.hash_weights_backward,
+        weighted_gather_sum=gather_sum.weighted_gather_sum,
+        weighted_gather_sum_backward=gather_sum.weighted_gather_sum_backward)
 
 
 def _tol(dtype):
