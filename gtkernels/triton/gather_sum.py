@@ -229,8 +229,13 @@ COMPILE_CASES = [
     ("_gather_sum_kernel", dict(HAS_WEIGHTS=False, HAS_BIAS=False, ACC_DTYPE=tl.float64,
                                 BLOCK_T=64, BLOCK_D=64),
      dict(_INDEX_TYPES, idx_ptr="*i64", table_ptr="*fp64", out_ptr="*fp64")),
+    # B = T = d = 1: the JIT turns integer arguments equal to 1 into constants.
+    ("_gather_sum_kernel", dict(HAS_WEIGHTS=True, HAS_BIAS=True, ACC_DTYPE=tl.float32,
+                                BLOCK_T=16, BLOCK_D=32, B=1, T=1, d=1), _INDEX_TYPES),
     ("_segment_sum_kernel", dict(HAS_WEIGHTS=True, WEIGHTS_GRAD=True, ACC_DTYPE=tl.float32,
                                  BLOCK_R=4, BLOCK_D=1024), _INDEX_TYPES),
+    ("_segment_sum_kernel", dict(HAS_WEIGHTS=True, WEIGHTS_GRAD=True, ACC_DTYPE=tl.float32,
+                                 BLOCK_R=32, BLOCK_D=16, B=1, d=1, n=1, T=1), _INDEX_TYPES),
     ("_segment_sum_kernel", dict(HAS_WEIGHTS=False, WEIGHTS_GRAD=False, ACC_DTYPE=tl.float32,
                                  BLOCK_R=32, BLOCK_D=128), _INDEX_TYPES),
 ]

@@ -129,4 +129,8 @@ COMPILE_CASES = [
                                            BLOCK=256), _ARG_TYPES),
     ("_hash_weights_backward_kernel", dict(TAU=12, WEIGHTING=1, ACC_DTYPE=tl.float32,
                                            BLOCK=256), _ARG_TYPES),
+    # Integer arguments equal to 1 become constants in the JIT.
+    ("_hash_weights_kernel", dict(TAU=1, WEIGHTING=0, ACC_DTYPE=tl.float64, BLOCK=256,
+                                  n_codes=1, K=1), dict(_ARG_TYPES, x_ptr="*fp64",
+                                                        w_ptr="*fp64")),
 ]
