@@ -90,6 +90,8 @@ def hashed_lookup(x: torch.Tensor, tables: torch.Tensor, *, tau: int, weighting:
                          f"got shape {list(tables.shape)}")
     shared = tables.dim() == 4
     num_chunks, d_out = x.shape[-1] // tau, tables.shape[-1]
+    if num_chunks * 2**tau >= 2**31:  # rows k * 2**tau + h are int32 in the kernels
+        raise ValueError(f"K * 2**tau must be below 2**31, got K = {num_chunks}, tau = {tau}")
     M = tables.shape[0] if shared else 1
     expected = (M, num_chunks, 2**tau, d_out) if shared else (num_chunks, 2**tau, d_out)
     V.check_shape("tables", tables, expected,

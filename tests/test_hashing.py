@@ -292,6 +292,7 @@ def _bad_lookup(x_shape=(4, 16), table_shape=(4, 16, 8), tau=4, x_dtype=torch.fl
     (_bad_lookup(tau=0), ValueError, r"tau must be in \[1, 12\]"),
     (_bad_lookup(x_shape=(4, 13), table_shape=(1, 8192, 8), tau=13), ValueError, "tau must be in"),
     (_bad_lookup(weighting="l2"), ValueError, "weighting must be one of"),
+    (_bad_lookup(x_shape=(1, 12 * 2**19), tau=12), ValueError, r"K \* 2\*\*tau must be below"),
     (_bad_lookup(temperature=0.0), ValueError, "temperature must be positive"),
     (_bad_lookup(bias=torch.randn(7)), ValueError, r"bias must be \[d_out\] = \[8\]"),
 ])
