@@ -80,8 +80,8 @@ def _backward(ctx, grad):
 torch.library.register_autograd("gtkernels::weighted_gather_sum", _backward, setup_context=_setup)
 
 if HAS_TRITON:
-    from .triton import hashing as _triton_hashing
+    from .triton import gather_sum as _triton_gather_sum
 
     for _name in ("weighted_gather_sum", "weighted_gather_sum_backward"):
         torch.library.register_kernel(f"gtkernels::{_name}", "cuda",
-                                      getattr(_triton_hashing, _name))
+                                      getattr(_triton_gather_sum, _name))

@@ -50,8 +50,7 @@ def hashed_lookup(x: torch.Tensor, tables: torch.Tensor, *, tau: int, weighting:
         x: float32 / float16 / bfloat16 / float64 ``[..., K * tau]``.
         tables: x's dtype, ``[K, 2**tau, d_out]``, or ``[M, K, 2**tau, d_out]`` for M tables
             that share one hash (MemoryFormer's Q, K and V): the codes and weights are computed
-            once per chunk and used for all M tables, in one launch forward and one sort
-            backward.
+            once per chunk and serve all M tables (one gather pass forward, one sort backward).
         tau: bits per chunk, 1 <= tau <= 12.
         weighting: ``"softmax"``, ``"l1_softmax"`` or ``"none"``.
         temperature: T > 0 of the softmax.
@@ -91,6 +90,8 @@ def hashed_lookup(x: torch.Tensor, tables: torch.Tensor, *, tau: int, weighting:
                          f"got shape {list(tables.shape)}")
     shared = tables.dim() == 4
     num_chunks, d_out = x.shape[-1] // tau, tables.shape[-1]
+    if num_chunks * 2**tau >= 2**31:  # rows k * 2**tau + h are int32 in the kernels
+        raise ValueError(f"K * 2**tau must be below 2**31, got K = {num_chunks}, tau = {tau}")
     M = tables.shape[0] if shared else 1
     expected = (M, num_chunks, 2**tau, d_out) if shared else (num_chunks, 2**tau, d_out)
     V.check_shape("tables", tables, expected,
@@ -140,18 +141,21 @@ def _hashed_lookup_backward(ctx, grad):
     tau, weighting, temperature = ctx.hash_args
     M, K, R, d = tables.shape
     need_dx = ctx.needs_input_grad[0] and weighting != "none"
-    # The codes and weights are recomputed (cheap) and shared by the M tables.
-    rows, weights = torch.ops.gtkernels.hash_weights(x, tau, weighting, temperature)
-    grad_tables, grad_weights = torch.ops.gtkernels.weighted_gather_sum_backward(
-        grad, tables.reshape(M, K * R, d), rows, weights, need_dx)
-    grad_x = None
-    if need_dx:
-        grad_x = torch.ops.gtkernels.hash_weights_backward(grad_weights, x, tau, weighting,
-                                                           temperature)
-    elif ctx.needs_input_grad[0]:
-        grad_x = torch.zeros_like(x)
-    grad_bias = grad.sum(1) if ctx.needs_input_grad[2] else None
-    grad_tables = grad_tables.view(M, K, R, d) if ctx.needs_input_grad[1] else None
+    grad_x = grad_tables = grad_bias = None
+    if need_dx or ctx.needs_input_grad[1]:
+        # The codes and weights are recomputed (cheap) and serve the M tables together.
+        rows, weights = torch.ops.gtkernels.hash_weights(x, tau, weighting, temperature)
+        grad_tables, grad_weights = torch.ops.gtkernels.weighted_gather_sum_backward(
+            grad, tables.reshape(M, K * R, d), rows, weights if weighting != "none" else None,
+            need_dx)
+        grad_tables = grad_tables.view(M, K, R, d) if ctx.needs_input_grad[1] else None
+        if need_dx:
+            grad_x = torch.ops.gtkernels.hash_weights_backward(grad_weights, x, tau, weighting,
+                                                               temperature)
+    if ctx.needs_input_grad[0] and not need_dx:
+        grad_x = torch.zeros_like(x)  # "none": x only picks the rows
+    if ctx.needs_input_grad[2]:
+        grad_bias = grad.sum(1)
     return grad_x, grad_tables, grad_bias, None, None, None
 
 

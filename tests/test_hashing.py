@@ -140,6 +140,23 @@ def test_hashed_lookup_gradcheck(weighting, M):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+@pytest.mark.parametrize("wanted", ["x", "tables", "bias"])
+def test_hashed_lookup_gradient_of_one_input(weighting, wanted):
+    x, tables, bias = _lookup_inputs("cpu", torch.float64, (9,), 3, 4, 6, None)
+    inputs = {"x": x, "tables": tables, "bias": bias}
+    inputs[wanted].requires_grad_()
+    grad_out = torch.randn(9, 6, dtype=torch.float64)
+    y = gk.hashed_lookup(x, tables, tau=4, weighting=weighting, bias=bias)
+    (got,) = torch.autograd.grad(y, inputs[wanted], grad_out)
+    y_ref = ref.hashed_lookup(x, tables, 4, weighting, 1.0, bias)
+    if y_ref.requires_grad:
+        (expected,) = torch.autograd.grad(y_ref, inputs[wanted], grad_out)
+    else:  # weighting "none": x only picks the rows
+        expected = torch.zeros_like(inputs[wanted])
+    torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("tau", [1, 2, 3, 5, 6])
 @pytest.mark.parametrize("temperature", [1.0, 0.3])
 def test_softmax_weighting_equals_explicit_softmax_over_codes(tau, temperature):
@@ -239,6 +256,20 @@ def test_hashed_lookup_cuda_equals_cpu(M):
         assert rel_err(g.cpu(), c) < 1e-2, name
 
 
+@pytest.mark.gpu
+def test_hashed_lookup_mem_base_gradients_bitwise_identical_over_10_runs():
+    """The acceptance check at BENCH.md's mem-base size: T=16,384, d=1024, tau=8, bf16."""
+    x, tables, _ = _lookup_inputs("cuda", torch.bfloat16, (16384,), 128, 8, 1024, None,
+                                  with_bias=False)
+    x.requires_grad_()
+    tables.requires_grad_()
+    grad_out = torch.randn(16384, 1024, device="cuda", dtype=torch.bfloat16)
+    first = torch.autograd.grad(gk.hashed_lookup(x, tables, tau=8), (x, tables), grad_out)
+    for _ in range(9):
+        again = torch.autograd.grad(gk.hashed_lookup(x, tables, tau=8), (x, tables), grad_out)
+        assert torch.equal(again[1], first[1]) and torch.equal(again[0], first[0])
+
+
 def _bad_lookup(x_shape=(4, 16), table_shape=(4, 16, 8), tau=4, x_dtype=torch.float32,
                 table_dtype=torch.float32, table_device="cpu", **kwargs):
     x = torch.randn(x_shape, dtype=x_dtype) if x_dtype.is_floating_point else \
@@ -249,9 +280,11 @@ def _bad_lookup(x_shape=(4, 16), table_shape=(4, 16, 8), tau=4, x_dtype=torch.fl
 
 @pytest.mark.parametrize("bad,error,match", [
     (_bad_lookup(x_shape=(4, 18)), ValueError, r"x's last dim \(18\) must be divisible by tau"),
-    (_bad_lookup(table_shape=(4, 8, 8)), ValueError, r"tables must be \[K, 2\*\*tau, d_out\] = \[4, 16, 8\]"),
+    (_bad_lookup(table_shape=(4, 8, 8)), ValueError,
+     r"tables must be \[K, 2\*\*tau, d_out\] = \[4, 16, 8\]"),
     (_bad_lookup(table_shape=(3, 16, 8)), ValueError, r"tables must be \[K, 2\*\*tau"),
-    (_bad_lookup(table_shape=(2, 5, 16, 8)), ValueError, r"tables must be \[M, K, 2\*\*tau, d_out\]"),
+    (_bad_lookup(table_shape=(2, 5, 16, 8)), ValueError,
+     r"tables must be \[M, K, 2\*\*tau, d_out\]"),
     (_bad_lookup(table_shape=(16, 8)), ValueError, r"tables must be \[K, 2\*\*tau, d_out\] or"),
     (_bad_lookup(table_dtype=torch.bfloat16), TypeError, "tables has dtype"),
     (_bad_lookup(x_dtype=torch.int64), TypeError, "x must have dtype"),
@@ -259,6 +292,7 @@ def _bad_lookup(x_shape=(4, 16), table_shape=(4, 16, 8), tau=4, x_dtype=torch.fl
     (_bad_lookup(tau=0), ValueError, r"tau must be in \[1, 12\]"),
     (_bad_lookup(x_shape=(4, 13), table_shape=(1, 8192, 8), tau=13), ValueError, "tau must be in"),
     (_bad_lookup(weighting="l2"), ValueError, "weighting must be one of"),
+    (_bad_lookup(x_shape=(1, 12 * 2**19), tau=12), ValueError, r"K \* 2\*\*tau must be below"),
     (_bad_lookup(temperature=0.0), ValueError, "temperature must be positive"),
     (_bad_lookup(bias=torch.randn(7)), ValueError, r"bias must be \[d_out\] = \[8\]"),
 ])

@@ -1,5 +1,10 @@
 """Triton kernels of the hashing family against the C++ CPU kernels, through the interpreter
 (TRITON_INTERPRET=1) at small sizes, or on the GPU when there is one."""
+import os
+import subprocess
+import sys
+import types
+
 import pytest
 import torch
 
@@ -26,8 +31,13 @@ def _close(got, expected, tol):
 
 @pytest.fixture(scope="module")
 def kernels():
-    from gtkernels.triton import hashing
-    return hashing
+    """The Triton launchers of both modules under one namespace."""
+    from gtkernels.triton import gather_sum, hashing
+    return types.SimpleNamespace(
+        hashed_lookup=hashing.hashed_lookup, hash_weights=hashing.hash_weights,
+        hash_weights_backward=hashing.hash_weights_backward,
+        weighted_gather_sum=gather_sum.weighted_gather_sum,
+        weighted_gather_sum_backward=gather_sum.weighted_gather_sum_backward)
 
 
 def _tol(dtype):
@@ -103,3 +113,96 @@ def test_weighted_gather_sum_backward_kernel_without_weights(kernels):
     got, _ = kernels.weighted_gather_sum_backward(grad, table, idx, None, False)
     expected, _ = ops.weighted_gather_sum_backward(grad.cpu(), table.cpu(), idx.cpu(), None, False)
     _close(got, expected, 1e-6)
+
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter does not type-check: compiling for sm_90 (Triton's bundled ptxas, no GPU
+    needed) catches what only the compiler sees, e.g. loop-carried values changing type. Runs
+    in a fresh process: with TRITON_INTERPRET=1 the kernels are not compilable objects."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
+    done = subprocess.run([sys.executable, script, "gtkernels.triton.hashing",
+                           "gtkernels.triton.gather_sum"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# On a GPU the DEVICE_PARAMS tests of test_hashing.py / test_gather_sum.py cover this path.
+only_interpreted = pytest.mark.skipif(not interpreting(),
+                                      reason="launchers serve CPU tensors only when interpreted")
+
+
+@pytest.fixture
+def triton_kernels_serve_cpu():
+    """Registers the Triton launchers as the ops' CPU kernels while the test runs (the C++
+    kernels come back after), so the public functions and their autograd run end to end
+    through the launchers as they do on CUDA."""
+    from gtkernels.triton import gather_sum, hashing
+
+    lib = torch.library.Library("gtkernels", "IMPL")
+    for module, names in [(hashing, ["hashed_lookup", "hash_weights", "hash_weights_backward"]),
+                          (gather_sum, ["weighted_gather_sum", "weighted_gather_sum_backward"])]:
+        for name in names:
+            torch.library.register_kernel(f"gtkernels::{name}", "cpu", getattr(module, name),
+                                          lib=lib)
+    yield
+    lib._destroy()
+
+
+@only_interpreted
+@pytest.mark.usefixtures("triton_kernels_serve_cpu")
+@pytest.mark.parametrize("weighting", ["softmax", "l1_softmax", "none"])
+@pytest.mark.parametrize("M", [None, 2])
+def test_hashed_lookup_end_to_end_through_triton(weighting, M):
+    import gtkernels as gk
+    from gtkernels.reference import hashing as ref
+
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    tables = torch.randn(*(() if M is None else (M,)), 4, 8, 37, dtype=torch.float64,
+                         requires_grad=True)
+    bias = torch.randn(*(() if M is None else (M,)), 37, dtype=torch.float64, requires_grad=True)
+    y = gk.hashed_lookup(x, tables, tau=3, weighting=weighting, temperature=0.7, bias=bias)
+    y_ref = ref.hashed_lookup(x, tables, 3, weighting, 0.7, bias)
+    torch.testing.assert_close(y, y_ref)
+    grad_out = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, tables, bias), grad_out)
+    expected = torch.autograd.grad(y_ref, (x, tables, bias), grad_out, allow_unused=True,
+                                   materialize_grads=True)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+@only_interpreted
+@pytest.mark.usefixtures("triton_kernels_serve_cpu")
+@pytest.mark.parametrize("M", [None, 3])
+def test_weighted_gather_sum_end_to_end_through_triton(M):
+    import gtkernels as gk
+    from gtkernels.reference import hashing as ref
+
+    table = torch.randn(*(() if M is None else (M,)), 30, 300, requires_grad=True)
+    idx = torch.randint(0, 30, (11, 4), dtype=torch.int32)
+    weights = torch.randn(11, 4, requires_grad=True)
+    y = gk.weighted_gather_sum(table, idx, weights)
+    y_ref = ref.weighted_gather_sum(table, idx, weights)
+    torch.testing.assert_close(y, y_ref)
+    grad_out = torch.randn_like(y)
+    got = torch.autograd.grad(y, (table, weights), grad_out)
+    expected = torch.autograd.grad(y_ref, (table, weights), grad_out)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("R", [1, 32768, 40000])  # int16 keys up to 2**15 rows, int32 past
+def test_sort_by_row_is_stable_with_row_offsets(R):
+    from gtkernels.triton.gather_sum import _sort_by_row
+
+    idx = torch.randint(0, R, (300, 5), device=_device())
+    idx[0, 0], idx[-1, -1] = R - 1, 0
+    order, offsets = _sort_by_row(idx, R)
+    flat = idx.reshape(-1).cpu()
+    expected_order = torch.sort(flat, stable=True)[1]
+    assert torch.equal(order.cpu(), expected_order)
+    counts = torch.bincount(flat, minlength=R)
+    assert torch.equal(offsets.cpu(), torch.cat([torch.zeros(1, dtype=torch.int64),
+                                                 counts.cumsum(0)]))

@@ -42,8 +42,8 @@ def explicit_softmax_weights(x: torch.Tensor, tau: int, temperature: float = 1.0
 
 def hashed_lookup(x: torch.Tensor, tables: torch.Tensor, tau: int, weighting: str = "softmax",
                   temperature: float = 1.0, bias: torch.Tensor = None) -> torch.Tensor:
-    """Eager hash + gather [..., K, d_out] + weighted sum. tables [K, 2**tau, d_out] -> [..., d_out];
-    tables [M, K, 2**tau, d_out] -> [M, ..., d_out]."""
+    """Eager hash + gather [..., K, d_out] + weighted sum.
+    tables [K, 2**tau, d_out] -> [..., d_out]; tables [M, K, 2**tau, d_out] -> [M, ..., d_out]."""
     codes = sign_hash(x, tau).long()
     weights = hash_weights(x, tau, weighting, temperature)
     chunk_ids = torch.arange(codes.shape[-1], device=x.device)

@@ -1,32 +1,15 @@
-"""Triton kernels of the hashed-lookup family, registered as the CUDA kernels of its ops.
-
-Forward (hashed_lookup, weighted_gather_sum): one program per (token block, table, column
-block) loops over the B = K chunks / bag entries, gathers each selected row's column slice and
-accumulates in fp32. hashed_lookup first writes its rows and weights [T, K] in a hash pass.
-Backward: entries (t, b) sorted by row (stable torch.sort: deterministic), then one program per
-block of rows walks each row's entries in token order: the table gradient of each element is a
-sequential fp32 sum in a fixed order, written once, without atomics.
-"""
+"""Triton kernels of hashed_lookup's hash: rows k * 2**tau + code and weights of each chunk,
+and the weights' backward. The CUDA hashed_lookup is this hash pass, then the weighted
+gather-sum of gather_sum.py: each chunk's code is computed once, not once per column tile
+and per thread that shares its token."""
 import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from ._common import acc_dtype, on_input_device
+from .gather_sum import gather_sum
 
 WEIGHTING_CODES = {"softmax": 0, "l1_softmax": 1, "none": 2}
-
-
-def _acc_dtype(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _tuned(configs, key):
-    """Autotunes on the GPU; the interpreter gets the launcher's explicit block sizes."""
-    def wrap(kernel):
-        unknown = set(key) - set(kernel.arg_names)
-        assert not unknown, f"autotune keys {unknown} are not arguments of {kernel.__name__}"
-        return kernel if interpreting() else triton.autotune(configs=configs, key=key)(kernel)
-    return wrap
 
 
 @triton.jit
@@ -55,81 +38,18 @@ def _code_and_weight(chunk_ptrs, mask, two_over_t, TAU: tl.constexpr, WEIGHTING:
     return code, weight
 
 
-_FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w)
-    for bt, bd, w in [(16, 256, 4), (32, 256, 8), (32, 128, 4), (64, 128, 8), (16, 512, 8),
-                      (64, 64, 4), (8, 512, 4), (16, 128, 4)]
-]
-
-
-@_tuned(_FORWARD_CONFIGS, key=["d", "B", "HAS_WEIGHTS"])
-@triton.jit
-def _gather_sum_kernel(idx_ptr, w_ptr, table_ptr, bias_ptr, out_ptr, T, B, d, rows_per_table,
-                       HAS_WEIGHTS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    num_d_blocks = tl.cdiv(d, BLOCK_D)
-    m = tl.program_id(1) // num_d_blocks
-    cols = (tl.program_id(1) % num_d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
-    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    t_mask = tokens < T
-    c_mask = cols < d
-    mask = t_mask[:, None] & c_mask[None, :]
-    table_m = table_ptr + m.to(tl.int64) * rows_per_table * d
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=ACC_DTYPE)
-    for b in range(0, B):
-        row = tl.load(idx_ptr + tokens * B + b, mask=t_mask, other=0).to(tl.int64)
-        vals = tl.load(table_m + row[:, None] * d + cols[None, :], mask=mask, other=0.0)
-        if HAS_WEIGHTS:
-            w = tl.load(w_ptr + tokens * B + b, mask=t_mask, other=0.0).to(ACC_DTYPE)
-            acc += w[:, None] * vals.to(ACC_DTYPE)
-        else:
-            acc += vals.to(ACC_DTYPE)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + m * d + cols, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :]
-    out_ptrs = out_ptr + (m.to(tl.int64) * T + tokens[:, None]) * d + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _gather_sum(table, idx, weights, bias, rows_per_table, out):
-    """out [M, T, d] = sum_b weights[:, b] * table[m, idx[:, b]] (+ bias[m]); table [M, rows, d]."""
-    M, T, d = out.shape
-    meta = {} if not interpreting() else {"BLOCK_T": 16, "BLOCK_D": 32}
-
-    def grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_T"]), M * triton.cdiv(d, meta["BLOCK_D"]))
-
-    _gather_sum_kernel[grid](
-        idx, weights if weights is not None else table, table,
-        bias if bias is not None else table, out, T, idx.shape[1], d, rows_per_table,
-        HAS_WEIGHTS=weights is not None, HAS_BIAS=bias is not None,
-        ACC_DTYPE=_acc_dtype(table.dtype), **meta)
-    return out
-
-
+@on_input_device
 def hashed_lookup(x, tables, bias, tau, weighting, temperature):
-    """x [T, K * tau], tables [M, K, 2**tau, d], bias [M, d] or None -> y [M, T, d].
-
-    Two passes: the hash writes rows and weights [T, K] (8 bytes per chunk, each computed once
-    rather than once per column tile and per thread sharing a token), then the gather."""
+    """x [T, K * tau], tables [M, K, 2**tau, d], bias [M, d] or None -> y [M, T, d]: the hash
+    pass writes rows and weights [T, K] (8 bytes per chunk), then the gather-sum pass."""
     tables = tables.contiguous()
     M, K, R, d = tables.shape
     out = torch.empty((M, x.shape[0], d), device=x.device, dtype=tables.dtype)
     if out.numel() == 0:
         return out
     rows, weights = hash_weights(x, tau, weighting, temperature)
-    return _gather_sum(tables, rows, weights if weighting != "none" else None,
+    return gather_sum(tables, rows, weights if weighting != "none" else None,
                        bias.contiguous() if bias is not None else None, K * R, out)
-
-
-def weighted_gather_sum(table, idx, weights):
-    """table [M, R, d], idx [T, B], weights [T, B] or None -> y [M, T, d]."""
-    table = table.contiguous()
-    M, R, d = table.shape
-    out = torch.empty((M, idx.shape[0], d), device=table.device, dtype=table.dtype)
-    if out.numel() == 0:
-        return out
-    return _gather_sum(table, idx.contiguous(), weights.contiguous() if weights is not None
-                       else None, None, R, out)
 
 
 @triton.jit
@@ -142,6 +62,7 @@ def _hash_weights_kernel(x_ptr, rows_ptr, w_ptr, n_codes, K, two_over_t, TAU: tl
     tl.store(w_ptr + c, w, mask=mask)
 
 
+@on_input_device
 def hash_weights(x, tau, weighting, temperature):
     """x [T, K * tau] -> (rows int32 [T, K] = k * 2**tau + code, weights fp32 [T, K])."""
     x = x.contiguous()
@@ -153,7 +74,7 @@ def hash_weights(x, tau, weighting, temperature):
         block = 256
         _hash_weights_kernel[(triton.cdiv(T * K, block),)](
             x, rows, weights, T * K, K, 2.0 / temperature, TAU=tau,
-            WEIGHTING=WEIGHTING_CODES[weighting], ACC_DTYPE=_acc_dtype(x.dtype), BLOCK=block)
+            WEIGHTING=WEIGHTING_CODES[weighting], ACC_DTYPE=acc_dtype(x.dtype), BLOCK=block)
     return rows, weights
 
 
@@ -184,6 +105,7 @@ def _hash_weights_backward_kernel(grad_w_ptr, x_ptr, dx_ptr, n_codes, two_over_t
         tl.store(dx_ptr + c * TAU + i, (grad_w * dw).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@on_input_device
 def hash_weights_backward(grad_weights, x, tau, weighting, temperature):
     """grad_weights [T, K], x [T, K * tau] -> dx [T, K * tau] (x's dtype)."""
     x = x.contiguous()
@@ -194,90 +116,21 @@ def hash_weights_backward(grad_weights, x, tau, weighting, temperature):
     block = 256
     _hash_weights_backward_kernel[(triton.cdiv(n_codes, block),)](
         grad_weights.contiguous(), x, dx, n_codes, 2.0 / temperature, TAU=tau,
-        WEIGHTING=WEIGHTING_CODES[weighting], ACC_DTYPE=_acc_dtype(x.dtype), BLOCK=block)
+        WEIGHTING=WEIGHTING_CODES[weighting], ACC_DTYPE=acc_dtype(x.dtype), BLOCK=block)
     return dx
 
 
-# Block sizes come from d (see _segment_blocks); the tuner picks warps and pipelining depth.
-_SEGMENT_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s)
-                    for w, s in [(4, 1), (4, 2), (4, 3), (8, 2), (8, 3), (2, 2)]]
-
-
-@_tuned(_SEGMENT_CONFIGS, key=["d", "B", "HAS_WEIGHTS", "WEIGHTS_GRAD"])
-@triton.jit
-def _segment_sum_kernel(grad_ptr, table_ptr, order_ptr, offsets_ptr, w_ptr, grad_table_ptr,
-                        grad_w_ptr, R, B, T, d, n,
-                        HAS_WEIGHTS: tl.constexpr, WEIGHTS_GRAD: tl.constexpr,
-                        ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    num_d_blocks = tl.cdiv(d, BLOCK_D)
-    m = (tl.program_id(1) // num_d_blocks).to(tl.int64)
-    d_block = tl.program_id(1) % num_d_blocks
-    cols = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
-    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    r_mask = rows < R
-    c_mask = cols < d
-    tile_mask = r_mask[:, None] & c_mask[None, :]
-    start = tl.load(offsets_ptr + rows, mask=r_mask, other=0)
-    length = tl.load(offsets_ptr + rows + 1, mask=r_mask, other=0) - start
-    row_ptrs = (m * R + rows[:, None]) * d + cols[None, :]
-    if WEIGHTS_GRAD:
-        table_rows = tl.load(table_ptr + row_ptrs, mask=tile_mask, other=0.0).to(ACC_DTYPE)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC_DTYPE)
-    # Entry j of every row at once; each row's entries in token order: a fixed summation order.
-    for j in range(0, tl.max(length, axis=0)):
-        live = r_mask & (j < length)
-        p = tl.load(order_ptr + start + j, mask=live, other=0)
-        g = tl.load(grad_ptr + (m * T + p // B)[:, None] * d + cols[None, :],
-                    mask=live[:, None] & c_mask[None, :], other=0.0).to(ACC_DTYPE)
-        if HAS_WEIGHTS:
-            acc += tl.load(w_ptr + p, mask=live, other=0.0).to(ACC_DTYPE)[:, None] * g
-        else:
-            acc += g
-        if WEIGHTS_GRAD:
-            partial = tl.sum(g * table_rows, axis=1)
-            tl.store(grad_w_ptr + tl.program_id(1).to(tl.int64) * n + p, partial, mask=live)
-    tl.store(grad_table_ptr + row_ptrs, acc.to(grad_table_ptr.dtype.element_ty), mask=tile_mask)
-
-
-def _segment_blocks(d):
-    """(rows, columns) per program, fixed by d alone: grad_weights' summation order is too.
-    Up to 1024 columns, so that one program usually holds whole rows (no partial sums)."""
-    if interpreting():  # small tiles: d = 300 still spans two column blocks
-        return 4, min(triton.next_power_of_2(max(d, 1)), 256)
-    block_d = min(triton.next_power_of_2(max(d, 1)), 1024)
-    return max(1, min(32, 4096 // block_d)), block_d
-
-
-def weighted_gather_sum_backward(grad, table, idx, weights, weights_grad):
-    """grad [M, T, d], table [M, R, d], idx [T, B], weights [T, B] or None ->
-    (grad_table [M, R, d], grad_weights [T, B] in weights' dtype, or [0] if not weights_grad)."""
-    table, idx = table.contiguous(), idx.contiguous()
-    grad = grad.to(table.dtype).contiguous()
-    M, R, d = table.shape
-    T, B = idx.shape
-    n = T * B
-    acc_dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
-    grad_table = torch.empty_like(table)
-    block_r, block_d = _segment_blocks(d)
-    num_d_blocks = triton.cdiv(d, block_d)
-    partial_w = torch.empty((M * num_d_blocks, n if weights_grad else 0), device=table.device,
-                            dtype=acc_dtype)
-    if grad_table.numel() > 0:
-        # int32 keys halve the radix passes of the sort; stable keeps token order per row.
-        key_dtype = torch.int32 if R < 2**31 - 1 else torch.int64
-        keys, order = torch.sort(idx.reshape(-1).to(key_dtype), stable=True)
-        offsets = torch.searchsorted(keys, torch.arange(R + 1, device=keys.device,
-                                                        dtype=key_dtype))
-        grid = (triton.cdiv(R, block_r), M * num_d_blocks)
-        _segment_sum_kernel[grid](
-            grad, table, order, offsets,
-            weights.contiguous() if weights is not None else table, grad_table,
-            partial_w if weights_grad else table, R, B, T, d, n,
-            HAS_WEIGHTS=weights is not None, WEIGHTS_GRAD=weights_grad,
-            ACC_DTYPE=_acc_dtype(table.dtype), BLOCK_R=block_r, BLOCK_D=block_d)
-    elif weights_grad:
-        partial_w.zero_()
-    if not weights_grad:
-        return grad_table, partial_w.reshape(0)
-    grad_w = partial_w[0] if partial_w.shape[0] == 1 else partial_w.sum(0)
-    return grad_table, grad_w.view(T, B).to(weights.dtype)
+# Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed).
+_ARG_TYPES = {"rows_ptr": "*i32", "w_ptr": "*fp32", "grad_w_ptr": "*fp32", "two_over_t": "fp32"}
+COMPILE_CASES = [
+    ("_hash_weights_kernel", dict(TAU=8, WEIGHTING=1, ACC_DTYPE=tl.float32, BLOCK=256),
+     _ARG_TYPES),
+    ("_hash_weights_backward_kernel", dict(TAU=5, WEIGHTING=0, ACC_DTYPE=tl.float32,
+                                           BLOCK=256), _ARG_TYPES),
+    ("_hash_weights_backward_kernel", dict(TAU=12, WEIGHTING=1, ACC_DTYPE=tl.float32,
+                                           BLOCK=256), _ARG_TYPES),
+    # Integer arguments equal to 1 become constants in the JIT.
+    ("_hash_weights_kernel", dict(TAU=1, WEIGHTING=0, ACC_DTYPE=tl.float64, BLOCK=256,
+                                  n_codes=1, K=1), dict(_ARG_TYPES, x_ptr="*fp64",
+                                                        w_ptr="*fp64")),
+]

@@ -44,10 +44,10 @@ void gather_sum_token(const scalar_t* table, const scalar_t* bias, int64_t M, in
       for (int64_t j = 0; j < d; ++j) acc[j] += w * static_cast<acc_t>(row[j]);
     }
     scalar_t* o = out + m * out_m_stride;
-    if (bias != nullptr) {
-      for (int64_t j = 0; j < d; ++j) o[j] = static_cast<scalar_t>(acc[j] + static_cast<acc_t>(bias[m * d + j]));
-    } else {
-      for (int64_t j = 0; j < d; ++j) o[j] = static_cast<scalar_t>(acc[j]);
+    const scalar_t* bias_m = bias != nullptr ? bias + m * d : nullptr;
+    for (int64_t j = 0; j < d; ++j) {
+      const acc_t b_j = bias_m != nullptr ? static_cast<acc_t>(bias_m[j]) : acc_t(0);
+      o[j] = static_cast<scalar_t>(acc[j] + b_j);
     }
   }
 }
