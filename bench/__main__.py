@@ -45,6 +45,8 @@ def main(argv=None):
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | "
           f"commit {env['commit']} | {'quick' if quick else 'full'} sizes")
     print(report.table(rows))
+    print("\nspeedups of gtkernels (other impl's time / ours):")
+    print(report.ratio_lines(rows))
     print(f"\nwrote {os.path.join(args.out, 'results.json')}" + "".join(f", {p}" for p in pngs))
     ours_failed = [r for r in rows if r["ours"] and r["error"] and
                    not r["error"].startswith("unsupported")]

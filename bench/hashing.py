@@ -100,7 +100,7 @@ def embedding_bag_memory(inputs):
     return forward
 
 
-@impl(FAMILY, "nn.Linear (replaced layer)", problems=MEMORY_PROBLEMS)
+@impl(FAMILY, "nn.Linear (replaced layer)", problems=MEMORY_PROBLEMS, baseline=True)
 def linear_memory(inputs):
     return lambda: F.linear(inputs["x"], inputs["linear_weight"])
 

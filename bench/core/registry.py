@@ -3,8 +3,9 @@
 A family module (``bench/<family>.py``) registers:
   - problems: ``@problem(family, name, grads=(...))`` on a factory ``make(device, quick) -> dict``
     of named inputs. Tensors named in ``grads`` get gradients in forward+backward timing.
-  - implementations: ``@impl(family, name, ours=False)`` on ``build(inputs) -> forward`` where
-    ``forward()`` returns a tensor or a tuple of tensors. ``build`` may raise ``Unsupported``
+  - implementations: ``@impl(family, name, ours=False, baseline=False)`` on ``build(inputs) -> forward`` where
+    ``forward()`` returns a tensor or a tuple of tensors. A baseline (a bare GEMM roofline,
+    the nn.Linear a layer replaces) is timed and shown but is not a peer in the ratios. ``build`` may raise ``Unsupported``
     to skip a problem, and a problem's factory runs once for all its implementations.
 The first output of every implementation is compared with the first peer's by the problem's
 ``compare(ours, peer) -> str`` (e.g. "max err 3e-3" or "0 mismatches").
@@ -35,6 +36,7 @@ class Impl:
     ours: bool = False
     backward: bool = True
     problems: Optional[tuple] = None  # None: every problem of the family
+    baseline: bool = False  # shown for scale (a roofline, the layer replaced), not a peer
 
 
 @dataclass
@@ -64,10 +66,10 @@ def problem(family, name, *, grads=(), compare=None, note=""):
     return wrap
 
 
-def impl(family, name, *, ours=False, backward=True, problems=None):
+def impl(family, name, *, ours=False, backward=True, problems=None, baseline=False):
     def wrap(build):
         REGISTRY.impls.append(Impl(family, name, build, ours, backward,
-                                   tuple(problems) if problems else None))
+                                   tuple(problems) if problems else None, baseline))
         return build
     return wrap
 

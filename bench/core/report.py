@@ -13,7 +13,7 @@ def add_ratios(rows):
     for key in ("fwd_ms", "fwd_bwd_ms"):
         best = {}
         for r in rows:
-            if not r["ours"] and r[key]:
+            if not r["ours"] and not r.get("baseline") and r[key]:
                 k = (r["family"], r["problem"])
                 best[k] = min(best.get(k, float("inf")), r[key])
         for r in rows:
@@ -34,12 +34,31 @@ def table(rows):
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = r["peak_bytes"] / 2**20 if r["peak_bytes"] is not None else None
-        name = ("* " if r["ours"] else "  ") + r["impl"]
+        name = ("* " if r["ours"] else "~ " if r.get("baseline") else "  ") + r["impl"]
         lines.append(f"{r['family'] + '/' + r['problem']:<22.22}{name:<28.28}"
                      f"{_fmt(r['fwd_ms'], '10.3f')}{_fmt(r['fwd_bwd_ms'], '12.3f')}"
                      f"{_fmt(peak, '10.0f')}{_fmt(r.get('fwd_speedup'), '8.2f')}"
                      f"{_fmt(r.get('fwd_bwd_speedup'), '8.2f')}  {r['error'] or r['check']}")
-    lines.append("* = gtkernels; 'x' = best peer's time / this time (higher is faster)")
+    lines.append("* = gtkernels, ~ = baseline (not a peer); "
+                 "'x' = best peer's time / this time (higher is faster)")
+    return "\n".join(lines)
+
+
+def ratio_lines(rows):
+    """For each of our rows: its speedup against every other implementation of the problem."""
+    lines = []
+    for ours in (r for r in rows if r["ours"] and r["fwd_ms"]):
+        parts = []
+        for other in rows:
+            if other is ours or (other["family"], other["problem"]) != (ours["family"], ours["problem"]):
+                continue
+            if not other["fwd_ms"]:
+                continue
+            fb = (f" / {other['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x f+b"
+                  if other["fwd_bwd_ms"] and ours["fwd_bwd_ms"] else "")
+            parts.append(f"{other['impl']}: {other['fwd_ms'] / ours['fwd_ms']:.2f}x fwd{fb}")
+        if parts:
+            lines.append(f"{ours['problem']} [{ours['impl']}] vs " + "; ".join(parts))
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ def _fwd_bwd(forward, grad_tensors, grad_out):
 def run_case(problem, impl, inputs, state, device, timing):
     """Measures one implementation on one problem; `state` carries the peer output and grad_out."""
     row = {"family": problem.family, "problem": problem.name, "impl": impl.name,
-           "ours": impl.ours, "fwd_ms": None, "fwd_bwd_ms": None, "peak_bytes": None,
+           "ours": impl.ours, "baseline": impl.baseline, "fwd_ms": None, "fwd_bwd_ms": None, "peak_bytes": None,
            "check": "", "error": None}
     try:
         forward = impl.build(inputs)
