@@ -204,12 +204,13 @@ def test_opcheck(device, features):
     torch.library.opcheck(torch.ops.gtkernels.graph_attention_backward.default, bwd_args)
 
 
-def test_compiles_without_graph_break():
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_compiles_without_graph_break(device):
     n, e, h, d = 12, 50, 2, 8
-    edge_index = random_edge_index(n, e, isolated=2)
+    edge_index = random_edge_index(n, e, isolated=2, device=device)
     g = gk.Graph.from_edge_index(edge_index, num_nodes=n)
-    q, k, v, edge_bias, edge_attr = attention_inputs(n, e, h, d, bias=True, attr=True,
-                                                     requires_grad=True)
+    q, k, v, edge_bias, edge_attr = attention_inputs(n, e, h, d, device=device, bias=True,
+                                                     attr=True, requires_grad=True)
 
     def f(q, k, v, edge_bias, edge_attr):
         out = gk.graph_attention(q * 2.0, k, v, g, edge_bias=edge_bias, edge_attr=edge_attr)
@@ -221,6 +222,24 @@ def test_compiles_without_graph_break():
     got = torch.autograd.grad(compiled(*leaves), leaves)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_int64_indices(device):
+    """Graphs past 2**31 nodes or edges keep int64 indices; the kernels take both."""
+    n, e, h, d = 16, 60, 2, 8
+    g = gk.Graph.from_edge_index(random_edge_index(n, e, hub_edges=40, device=device), n)
+    wide = gk.Graph(n, g.indptr, g.indices.long(), g.edge_perm, g.csc_indptr,
+                    g.csc_indices.long(), g.csc_edge_ids.long())
+    inputs = attention_inputs(n, e + 40, h, d, device=device, bias=True, attr=True,
+                              requires_grad=True)
+
+    def fwd_bwd(graph):
+        out = gk.graph_attention(*inputs[:3], graph, edge_bias=inputs[3], edge_attr=inputs[4])
+        return [out, *torch.autograd.grad(out, inputs, torch.ones_like(out))]
+
+    for a, b in zip(fwd_bwd(wide), fwd_bwd(g)):
+        assert torch.equal(a, b)
 
 
 def test_window_and_global_nodes_not_implemented():
