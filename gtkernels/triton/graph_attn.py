@@ -20,8 +20,8 @@ LOG2E = 1.4426950408889634
 class LaunchConfig:
     """Tuning knobs of the graph-attention kernels."""
     chunk: int = 512          # edges per segment: bounds the loop of one program, splits hubs
-    fwd_tile: int = 2048      # BLOCK_S * BLOCK_H * BLOCK_D of a forward program
-    bwd_tile: int = 1024      # the same for the backward passes
+    fwd_tile: int = 512       # BLOCK_S * BLOCK_H * BLOCK_D of a forward program
+    bwd_tile: int = 512       # the same for the backward passes
     combine_tile: int = 4096  # BLOCK_P * BLOCK_H * BLOCK_D: partials merged per combine step
     num_warps: int = 4
 
@@ -67,10 +67,12 @@ def _forward_kernel(indptr, indices, q, k, v, edge_bias, edge_attr, out, lse,
     m = tl.full([BLOCK_S, BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_S, BLOCK_H, BLOCK_D], tl.float32)
+    j_next = tl.load(indices + start, mask=start < stop, other=0)
     for t in range(0, tl.max(stop - start, axis=0)):
         e = start + t
         on = e < stop
-        j = tl.load(indices + e, mask=on, other=0).to(tl.int64)
+        j = j_next.to(tl.int64)  # the next source is loaded while this edge's rows arrive
+        j_next = tl.load(indices + e + 1, mask=e + 1 < stop, other=0)
         kv_mask = on[:, None, None] & hd_ok
         kv_off = j[:, None, None] * (H * D) + hd
         k_j = tl.load(k + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
