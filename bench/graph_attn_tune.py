@@ -11,11 +11,11 @@ import torch
 
 
 def sweep_configs(default):
-    tiles = [(f, b) for f in (1024, 2048, 4096) for b in (512, 1024, 2048)]
-    configs = [dataclasses.replace(default, fwd_tile=f, bwd_tile=b, num_warps=w)
-               for f, b in tiles for w in (2, 4, 8)]
+    """Tiles x warps (the forward time reads fwd_tile, the backward's bwd_tile), then chunks."""
+    configs = [dataclasses.replace(default, fwd_tile=t, bwd_tile=t, num_warps=w)
+               for t in (256, 512, 1024, 2048) for w in (2, 4, 8)]
     configs += [dataclasses.replace(default, chunk=c) for c in (128, 256, 1024, 2048)]
-    return [default] + configs
+    return [default] + [c for c in configs if c != default]
 
 
 def time_config(inputs, config):
