@@ -136,6 +136,28 @@ def test_no_edges(device, n):
     assert grads[3].shape == (0, 2) and grads[4].shape == (0, 2, 8)
 
 
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_minus_inf_bias_masks_edges(device):
+    """An edge with bias -inf drops out; a node whose edges all have -inf gets zeros."""
+    n, e, h, d = 10, 40, 2, 8
+    edge_index = random_edge_index(n, e, device=device)
+    edge_index[1, :4] = 0
+    g = gk.Graph.from_edge_index(edge_index, num_nodes=n)
+    q, k, v, edge_bias, _ = attention_inputs(n, e, h, d, device=device, bias=True,
+                                             requires_grad=True)
+    masked = (torch.rand(e, device=device) < 0.3) | (edge_index[1] == 0)
+    bias = torch.where(masked[:, None], float("-inf"), edge_bias)
+    out = gk.graph_attention(q, k, v, g, edge_bias=bias)
+    kept = edge_index[:, ~masked]
+    expected = ref.segment_softmax_attention(q, k, v, kept, edge_bias[~masked])
+    torch.testing.assert_close(out, expected)
+    assert bool((out[0] == 0).all())
+    grads = torch.autograd.grad(out, [q, k, v], torch.ones_like(out))
+    expected_grads = torch.autograd.grad(expected, [q, k, v], torch.ones_like(out))
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_duplicate_edges_count_separately():
     q, k, v, _, _ = attention_inputs(3, 0, 1, 8, dtype=torch.float64)
     once = gk.Graph.from_edge_index(torch.tensor([[1, 2], [0, 0]]), num_nodes=3)
