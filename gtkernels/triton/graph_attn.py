@@ -18,12 +18,16 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tuning knobs of the graph-attention kernels."""
+    """Tuning knobs of the graph-attention kernels. The loops are latency-bound gathers, so
+    the defaults favour many small resident programs: at H=4, D=32 an sm_90 compile gives
+    56 / 80 / 48 registers (forward / destination / source pass) at 2 warps, 18 / 12 / 21
+    programs per SM (bench/graph_attn_tune.py measures the alternatives)."""
     chunk: int = 512          # edges per segment: bounds the loop of one program, splits hubs
-    fwd_tile: int = 512       # BLOCK_S * BLOCK_H * BLOCK_D of a forward program
-    bwd_tile: int = 512       # the same for the backward passes
+    fwd_tile: int = 256       # BLOCK_S * BLOCK_H * BLOCK_D of a forward program
+    bwd_tile: int = 256       # the same for the backward passes
     combine_tile: int = 4096  # BLOCK_P * BLOCK_H * BLOCK_D: partials merged per combine step
-    num_warps: int = 4
+    num_warps: int = 2        # of the row / column passes
+    combine_warps: int = 4    # of the combines (one program per hub walks all its partials)
 
 
 DEFAULT_CONFIG = LaunchConfig()
@@ -186,5 +190,5 @@ def graph_attention_forward(indptr, indices, csc_indptr, csc_indices, csc_edge_i
         _softmax_combine_kernel[(sched.num_split,)](
             sched.split_row, sched.seg_count, sched.part_end, part_m, part_l, part_acc, out, lse,
             n, H=h, D=d, BLOCK_P=max(1, config.combine_tile // (block_h * block_d)),
-            BLOCK_H=block_h, BLOCK_D=block_d, num_warps=config.num_warps)
+            BLOCK_H=block_h, BLOCK_D=block_d, num_warps=config.combine_warps)
     return out, lse

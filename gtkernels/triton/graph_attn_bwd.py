@@ -151,7 +151,7 @@ def _combine_sums(sched, part, dst, config):
     _sum_combine_kernel[(sched.num_split,)](
         sched.split_row, sched.seg_count, sched.part_end, part, dst, sched.num_rows, HD=hd,
         BLOCK_P=max(1, config.combine_tile // block_hd), BLOCK_HD=block_hd,
-        num_warps=config.num_warps)
+        num_warps=config.combine_warps)
 
 
 def graph_attention_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indices, csc_indptr,
