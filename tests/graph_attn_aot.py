@@ -27,11 +27,12 @@ def arg_type(name):
         else "*bf16"
 
 
-def compile_for_sm90(kernel, **constexprs):
+def compile_for_sm90(kernel, num_warps, **constexprs):
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: "constexpr" if n in constexprs else arg_type(n) for n in names}
     source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps})
 
 
 def main(h, d):
@@ -39,13 +40,14 @@ def main(h, d):
     block_s, block_h, block_d = fwd.block_sizes(h, d, config.fwd_tile)
     shape = dict(H=h, D=d, BLOCK_H=block_h, BLOCK_D=block_d)
     rows = dict(shape, BLOCK_S=block_s, CHUNK=config.chunk)
+    warps, combine_warps = config.num_warps, config.combine_warps
     kernels = [
-        compile_for_sm90(fwd._forward_kernel, **rows, HAS_BIAS=True, HAS_ATTR=True),
-        compile_for_sm90(fwd._softmax_combine_kernel, **shape, BLOCK_P=8),
-        compile_for_sm90(bwd._destination_kernel, **rows, HAS_BIAS=True, HAS_ATTR=True,
+        compile_for_sm90(fwd._forward_kernel, warps, **rows, HAS_BIAS=True, HAS_ATTR=True),
+        compile_for_sm90(fwd._softmax_combine_kernel, combine_warps, **shape, BLOCK_P=8),
+        compile_for_sm90(bwd._destination_kernel, warps, **rows, HAS_BIAS=True, HAS_ATTR=True,
                          HAS_GRAD_LSE=True),
-        compile_for_sm90(bwd._source_kernel, **rows),
-        compile_for_sm90(bwd._sum_combine_kernel, HD=h * d, BLOCK_P=8,
+        compile_for_sm90(bwd._source_kernel, warps, **rows),
+        compile_for_sm90(bwd._sum_combine_kernel, combine_warps, HD=h * d, BLOCK_P=8,
                          BLOCK_HD=block_h * block_d),
     ]
     assert all(k.asm.get("cubin") for k in kernels)
