@@ -90,7 +90,9 @@ def flex_tile_bitmap(inputs):
 
     try:  # compile and run forward and backward once: a failure means unsupported here
         out = forward()
-        torch.autograd.grad(out, [t for t in (q, k, v) if t.requires_grad], torch.ones_like(out))
+        leaves = [t for t in (q, k, v) if t.requires_grad]
+        if leaves:
+            torch.autograd.grad(out, leaves, torch.ones_like(out))
     except Exception as exc:
         raise Unsupported(f"FlexAttention failed: {type(exc).__name__}: {str(exc)[:80]}") from exc
     return forward
