@@ -338,6 +338,7 @@ def test_cuda_matches_cpu_on_a_hub_graph(dtype):
     """Rows far longer than the Triton chunk (split + combined) on the real GPU."""
     n, e, hub = 3000, 20000, 5000
     edge_index = random_edge_index(n, e, hub_edges=hub, isolated=300)
+    edge_index[0, :hub // 2] = 7  # a hub source too: its CSC column is split in the backward
     g = gk.Graph.from_edge_index(edge_index, num_nodes=n)
     inputs = attention_inputs(n, e + hub, 4, 32, dtype=dtype, bias=True, attr=True,
                               requires_grad=True)
