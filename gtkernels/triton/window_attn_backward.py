@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .window_attn import (LOG2E, band_grid, band_program, dot_precision, effective_window,
-                          first_band_position, global_blocks, load_rows, prepare_inputs,
-                          split_count, tile_configs)
+from .window_attn import (LOG2E, LOG2E_K, band_autotune, band_bounds, band_grid,
+                          band_program, dot_precision, effective_window, first_band_position,
+                          global_blocks, load_rows, prepare_inputs, split_count)
 
 
 @triton.jit
@@ -59,12 +59,11 @@ def dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, DOT_PRECISION
 def load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows, row_ok):
     """lse (log2 domain) and delta of token rows `rows` of (b, h)."""
     idx = (b.to(tl.int64) * N + rows) * H + h
-    lse2 = tl.load(lse_ptr + idx, mask=row_ok, other=0.0) * LOG2E
+    lse2 = tl.load(lse_ptr + idx, mask=row_ok, other=0.0) * LOG2E_K
     return lse2, tl.load(delta_ptr + idx, mask=row_ok, other=0.0)
 
 
-@triton.autotune(configs=tile_configs([(128, 64), (64, 64)], [(4, 3), (8, 3)]),
-                 key=["window", "dilation", "D", "CAUSAL"])
+@band_autotune([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)])
 @triton.jit
 def _band_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                     stride_b, stride_n, stride_h, N, H, D, window, dilation, num_global,
@@ -85,19 +84,19 @@ def _band_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         lo = tl.maximum(p0 - window, first_band)
         hi = tl.minimum(p0 + BLOCK_M + (0 if CAUSAL else window), length)
+        key_lb, key_ub = band_bounds(offs_m, window, hi, CAUSAL)
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             rows_n = r + offs_n * dilation
             k = load_rows(k_ptr + base, rows_n, offs_n < hi, stride_n, cols, D)
             v = load_rows(v_ptr + base, rows_n, offs_n < hi, stride_n, cols, D)
-            diff = offs_n[None, :] - offs_m[:, None]
-            valid = (offs_n < hi)[None, :] & (diff <= (0 if CAUSAL else window)) & (diff >= -window)
+            valid = (offs_n[None, :] >= key_lb[:, None]) & (offs_n[None, :] <= key_ub[:, None])
             dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, DOT_PRECISION)
         for start in range(0, num_global, BLOCK_N):
             offs_j = start + tl.arange(0, BLOCK_N)
             k = load_rows(k_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
             v = load_rows(v_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
-            valid = (offs_j < num_global)[None, :] & row_ok[:, None]
+            valid = (offs_j < num_global)[None, :]
             dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, DOT_PRECISION)
         store_ok = row_ok & (offs_m >= first_band)
         tl.store(dq_ptr + out_base + rows_m.to(tl.int64)[:, None] * H * D + cols[None, :],
@@ -105,8 +104,7 @@ def _band_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                  mask=store_ok[:, None] & (cols < D)[None, :])
 
 
-@triton.autotune(configs=tile_configs([(64, 128), (64, 64)], [(4, 3), (8, 3)]),
-                 key=["window", "dilation", "D", "CAUSAL"])
+@band_autotune([(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3), (32, 64, 4, 3)])
 @triton.jit
 def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                       stride_b, stride_n, stride_h, N, H, D, window, dilation, num_global,
@@ -128,6 +126,9 @@ def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
         # Band queries whose window holds these keys (global queries are met below).
         lo = tl.maximum(k0 - (0 if CAUSAL else window), first_band)
         hi = tl.minimum(k0 + BLOCK_N + window, length)
+        # Query i sees key j iff j - i in [-window, window] (or [-window, 0] if causal).
+        query_lb = offs_n - (0 if CAUSAL else window)
+        query_ub = tl.minimum(offs_n + window, hi - 1)
         for start in range(lo, hi, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             rows_m = r + offs_m * dilation
@@ -135,8 +136,8 @@ def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
             q = load_rows(q_ptr + base, rows_m, q_ok, stride_n, cols, D)
             do = load_rows(do_ptr + out_base, rows_m, q_ok, H * D, cols, D)
             lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows_m, q_ok)
-            diff = offs_n[:, None] - offs_m[None, :]
-            valid_t = q_ok[None, :] & (diff <= (0 if CAUSAL else window)) & (diff >= -window)
+            valid_t = ((offs_m[None, :] >= query_lb[:, None])
+                       & (offs_m[None, :] <= query_ub[:, None]))
             dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, DOT_PRECISION)
         if not CAUSAL:  # a causal global query i < G sees no key j >= G
             for start in range(0, num_global, BLOCK_M):
@@ -145,7 +146,7 @@ def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
                 q = load_rows(q_ptr + base, offs_m, q_ok, stride_n, cols, D)
                 do = load_rows(do_ptr + out_base, offs_m, q_ok, H * D, cols, D)
                 lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, offs_m, q_ok)
-                valid_t = q_ok[None, :] & key_ok[:, None]
+                valid_t = q_ok[None, :]
                 dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale,
                                    DOT_PRECISION)
         store_ok = (key_ok & (offs_n >= first_band))[:, None] & (cols < D)[None, :]
@@ -187,7 +188,7 @@ def _global_query_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, par
         offs_n = start + tl.arange(0, BLOCK_N)
         k = load_rows(k_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
         v = load_rows(v_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
-        valid = (offs_n < hi)[None, :] & row_ok[:, None]
+        valid = (offs_n < hi)[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])
         dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, DOT_PRECISION)
@@ -223,7 +224,7 @@ def _global_key_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, par
         q = load_rows(q_ptr + base, offs_m, q_ok, stride_n, cols, D)
         do = load_rows(do_ptr + out_base, offs_m, q_ok, H * D, cols, D)
         lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, offs_m, q_ok)
-        valid_t = q_ok[None, :] & key_ok[:, None]
+        valid_t = q_ok[None, :]
         if CAUSAL:
             valid_t = valid_t & (offs_n[:, None] <= offs_m[None, :])
         dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, DOT_PRECISION)
@@ -250,9 +251,9 @@ def _global_backward(q, k, v, grad_out, lse, delta, grads, num_global, causal, s
     """Writes rows [0, G) of dq (global queries) and of dk, dv (global keys)."""
     grad_q, grad_k, grad_v = grads
     batch, n, heads, dim = q.shape
-    block_m, block_n = global_blocks(num_global)
+    block_m, block_n, stages = global_blocks(num_global, dim)
     common = dict(CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d,
-                  num_warps=4)
+                  num_warps=4, num_stages=stages)
     strides = (q.stride(0), q.stride(1), q.stride(2))
     key_end = num_global if causal else n
     splits, per_split = split_count(key_end, num_global, batch * heads, block_n)
