@@ -86,17 +86,50 @@ def band_bounds(offs, window, hi, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT_PRECISION: tl.constexpr):
+def interior_split(lo, hi, full_start, full_end, BLOCK: tl.constexpr):
+    """Splits the tiles lo, lo + BLOCK, ... below hi at mid_lo <= mid_hi: the tiles of
+    [mid_lo, mid_hi) lie inside [full_start, full_end), where every row of the program meets
+    every column, so they need no mask; the tiles outside are masked."""
+    tiles = tl.maximum(hi - lo + BLOCK - 1, 0) // BLOCK
+    first = tl.minimum(tl.maximum(full_start - lo + BLOCK - 1, 0) // BLOCK, tiles)
+    last = tl.minimum(tl.maximum(tl.maximum(tl.minimum(full_end, hi) - lo, 0) // BLOCK, first),
+                      tiles)
+    return lo + first * BLOCK, lo + last * BLOCK
+
+
+@triton.jit
+def attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, MASKED: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
     """One online-softmax step over a key tile, scores in the log2 domain."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+    if MASKED:
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def attend_band_span(acc, m_i, l_i, q, k_ptr, v_ptr, start, end, hi, r, dilation, stride_n,
+                     cols, D, key_lb, key_ub, qk_scale, MASKED: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """attend_tile over the band key tiles start, start + BLOCK_N, ... < end (keys < hi)."""
+    for tile in range(start, end, BLOCK_N):
+        offs_n = tile + tl.arange(0, BLOCK_N)
+        rows_n = r + offs_n * dilation
+        k = load_rows(k_ptr, rows_n, offs_n < hi, stride_n, cols, D)
+        v = load_rows(v_ptr, rows_n, offs_n < hi, stride_n, cols, D)
+        valid = (offs_n[None, :] >= key_lb[:, None]) & (offs_n[None, :] <= key_ub[:, None])
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, MASKED,
+                                    DOT_PRECISION)
+    return acc, m_i, l_i
 
 
 @band_autotune([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3)])
@@ -120,19 +153,26 @@ def _band_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, stride_b, stride
         lo = tl.maximum(p0 - window, first_band)
         hi = tl.minimum(p0 + BLOCK_M + (0 if CAUSAL else window), length)
         key_lb, key_ub = band_bounds(offs_m, window, hi, CAUSAL)
-        for start in range(lo, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            rows_n = r + offs_n * dilation
-            k = load_rows(k_ptr + base, rows_n, offs_n < hi, stride_n, cols, D)
-            v = load_rows(v_ptr + base, rows_n, offs_n < hi, stride_n, cols, D)
-            valid = (offs_n[None, :] >= key_lb[:, None]) & (offs_n[None, :] <= key_ub[:, None])
-            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT_PRECISION)
+        mid_lo, mid_hi = interior_split(lo, hi, p0 + BLOCK_M - 1 - window,
+                                        p0 + 1 + (0 if CAUSAL else window), BLOCK_N)
+        k_base = k_ptr + base
+        v_base = v_ptr + base
+        acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, lo, mid_lo, hi, r,
+                                         dilation, stride_n, cols, D, key_lb, key_ub, qk_scale,
+                                         True, DOT_PRECISION, BLOCK_N)
+        acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, mid_lo, mid_hi, hi, r,
+                                         dilation, stride_n, cols, D, key_lb, key_ub, qk_scale,
+                                         False, DOT_PRECISION, BLOCK_N)
+        acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, mid_hi, hi, hi, r,
+                                         dilation, stride_n, cols, D, key_lb, key_ub, qk_scale,
+                                         True, DOT_PRECISION, BLOCK_N)
         for start in range(0, num_global, BLOCK_N):
             offs_j = start + tl.arange(0, BLOCK_N)
             k = load_rows(k_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
             v = load_rows(v_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
             valid = (offs_j < num_global)[None, :]
-            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT_PRECISION)
+            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, True,
+                                        DOT_PRECISION)
         # Rows of global tokens are written by the global pass.
         store_ok = (offs_m < length) & (offs_m >= first_band)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -175,7 +215,8 @@ def _global_query_forward_kernel(q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr
         valid = (offs_n < hi)[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT_PRECISION)
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, True,
+                                    DOT_PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     rows = ((split.to(tl.int64) * B + b) * num_global + offs_m) * H + h
     tl.store(part_out_ptr + rows[:, None] * D + cols[None, :], acc / l_safe[:, None],

@@ -15,7 +15,8 @@ import triton.language as tl
 
 from .window_attn import (LOG2E, LOG2E_K, band_autotune, band_bounds, band_grid,
                           band_program, dot_precision, effective_window, first_band_position,
-                          global_blocks, load_rows, prepare_inputs, split_count)
+                          global_blocks, interior_split, load_rows, prepare_inputs,
+                          split_count)
 
 
 @triton.jit
@@ -34,20 +35,27 @@ def _delta_kernel(grad_out_ptr, out_ptr, grad_lse_ptr, delta_ptr, rows, D,
 
 
 @triton.jit
-def dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, DOT_PRECISION: tl.constexpr):
-    """dq += ds @ k over one key tile; valid [M, N]."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    p = tl.exp2(tl.where(valid, s - lse2[:, None], float("-inf")))
+def dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, MASKED: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+    """dq += ds @ k over one key tile; valid [M, N] (ignored unless MASKED)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None]
+    if MASKED:
+        s = tl.where(valid, s, float("-inf"))
+    p = tl.exp2(s)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
 @triton.jit
-def dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, DOT_PRECISION: tl.constexpr):
-    """dk += ds^T @ q and dv += p^T @ dO over one query tile, computed transposed; valid_t [N, M]."""
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-    p_t = tl.exp2(tl.where(valid_t, s_t - lse2[None, :], float("-inf")))
+def dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, MASKED: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """dk += ds^T @ q and dv += p^T @ dO over one query tile, computed transposed; valid_t
+    [N, M] (ignored unless MASKED)."""
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse2[None, :]
+    if MASKED:
+        s_t = tl.where(valid_t, s_t, float("-inf"))
+    p_t = tl.exp2(s_t)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -61,6 +69,40 @@ def load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows, row_ok):
     idx = (b.to(tl.int64) * N + rows) * H + h
     lse2 = tl.load(lse_ptr + idx, mask=row_ok, other=0.0) * LOG2E_K
     return lse2, tl.load(delta_ptr + idx, mask=row_ok, other=0.0)
+
+
+@triton.jit
+def dq_band_span(dq, q, do, lse2, delta, k_ptr, v_ptr, start, end, hi, r, dilation, stride_n,
+                 cols, D, key_lb, key_ub, qk_scale, MASKED: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq_tile over the band key tiles start, start + BLOCK_N, ... < end (keys < hi)."""
+    for tile in range(start, end, BLOCK_N):
+        offs_n = tile + tl.arange(0, BLOCK_N)
+        rows_n = r + offs_n * dilation
+        k = load_rows(k_ptr, rows_n, offs_n < hi, stride_n, cols, D)
+        v = load_rows(v_ptr, rows_n, offs_n < hi, stride_n, cols, D)
+        valid = (offs_n[None, :] >= key_lb[:, None]) & (offs_n[None, :] <= key_ub[:, None])
+        dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, MASKED, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def dkdv_band_span(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, N, H, start, end, hi,
+                   r, dilation, stride_n, cols, D, query_lb, query_ub, qk_scale,
+                   MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dkdv_tile over the band query tiles start, start + BLOCK_M, ... < end (queries < hi);
+    q_ptr is offset to (b, h), do_ptr to (b, h) of the contiguous [B, N, H, D] gradient."""
+    for tile in range(start, end, BLOCK_M):
+        offs_m = tile + tl.arange(0, BLOCK_M)
+        rows_m = r + offs_m * dilation
+        q_ok = offs_m < hi
+        q = load_rows(q_ptr, rows_m, q_ok, stride_n, cols, D)
+        do = load_rows(do_ptr, rows_m, q_ok, H * D, cols, D)
+        lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows_m, q_ok)
+        valid_t = (offs_m[None, :] >= query_lb[:, None]) & (offs_m[None, :] <= query_ub[:, None])
+        dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, MASKED,
+                           DOT_PRECISION)
+    return dk, dv
 
 
 @band_autotune([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)])
@@ -85,19 +127,25 @@ def _band_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         lo = tl.maximum(p0 - window, first_band)
         hi = tl.minimum(p0 + BLOCK_M + (0 if CAUSAL else window), length)
         key_lb, key_ub = band_bounds(offs_m, window, hi, CAUSAL)
-        for start in range(lo, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            rows_n = r + offs_n * dilation
-            k = load_rows(k_ptr + base, rows_n, offs_n < hi, stride_n, cols, D)
-            v = load_rows(v_ptr + base, rows_n, offs_n < hi, stride_n, cols, D)
-            valid = (offs_n[None, :] >= key_lb[:, None]) & (offs_n[None, :] <= key_ub[:, None])
-            dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, DOT_PRECISION)
+        mid_lo, mid_hi = interior_split(lo, hi, p0 + BLOCK_M - 1 - window,
+                                        p0 + 1 + (0 if CAUSAL else window), BLOCK_N)
+        k_base = k_ptr + base
+        v_base = v_ptr + base
+        dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, lo, mid_lo, hi, r, dilation,
+                          stride_n, cols, D, key_lb, key_ub, qk_scale, True, DOT_PRECISION,
+                          BLOCK_N)
+        dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, mid_lo, mid_hi, hi, r,
+                          dilation, stride_n, cols, D, key_lb, key_ub, qk_scale, False,
+                          DOT_PRECISION, BLOCK_N)
+        dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, mid_hi, hi, hi, r, dilation,
+                          stride_n, cols, D, key_lb, key_ub, qk_scale, True, DOT_PRECISION,
+                          BLOCK_N)
         for start in range(0, num_global, BLOCK_N):
             offs_j = start + tl.arange(0, BLOCK_N)
             k = load_rows(k_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
             v = load_rows(v_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
             valid = (offs_j < num_global)[None, :]
-            dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, DOT_PRECISION)
+            dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, True, DOT_PRECISION)
         store_ok = row_ok & (offs_m >= first_band)
         tl.store(dq_ptr + out_base + rows_m.to(tl.int64)[:, None] * H * D + cols[None, :],
                  (dq * scale).to(dq_ptr.dtype.element_ty),
@@ -129,16 +177,19 @@ def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
         # Query i sees key j iff j - i in [-window, window] (or [-window, 0] if causal).
         query_lb = offs_n - (0 if CAUSAL else window)
         query_ub = tl.minimum(offs_n + window, hi - 1)
-        for start in range(lo, hi, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            rows_m = r + offs_m * dilation
-            q_ok = offs_m < hi
-            q = load_rows(q_ptr + base, rows_m, q_ok, stride_n, cols, D)
-            do = load_rows(do_ptr + out_base, rows_m, q_ok, H * D, cols, D)
-            lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows_m, q_ok)
-            valid_t = ((offs_m[None, :] >= query_lb[:, None])
-                       & (offs_m[None, :] <= query_ub[:, None]))
-            dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, DOT_PRECISION)
+        mid_lo, mid_hi = interior_split(lo, hi, k0 + BLOCK_N - 1 - (0 if CAUSAL else window),
+                                        k0 + 1 + window, BLOCK_M)
+        q_base = q_ptr + base
+        do_base = do_ptr + out_base
+        dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N, H,
+                                lo, mid_lo, hi, r, dilation, stride_n, cols, D, query_lb,
+                                query_ub, qk_scale, True, DOT_PRECISION, BLOCK_M)
+        dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N, H,
+                                mid_lo, mid_hi, hi, r, dilation, stride_n, cols, D, query_lb,
+                                query_ub, qk_scale, False, DOT_PRECISION, BLOCK_M)
+        dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N, H,
+                                mid_hi, hi, hi, r, dilation, stride_n, cols, D, query_lb,
+                                query_ub, qk_scale, True, DOT_PRECISION, BLOCK_M)
         if not CAUSAL:  # a causal global query i < G sees no key j >= G
             for start in range(0, num_global, BLOCK_M):
                 offs_m = start + tl.arange(0, BLOCK_M)
@@ -147,7 +198,7 @@ def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
                 do = load_rows(do_ptr + out_base, offs_m, q_ok, H * D, cols, D)
                 lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, offs_m, q_ok)
                 valid_t = q_ok[None, :]
-                dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale,
+                dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, True,
                                    DOT_PRECISION)
         store_ok = (key_ok & (offs_n >= first_band))[:, None] & (cols < D)[None, :]
         ptrs = out_base + rows_n.to(tl.int64)[:, None] * H * D + cols[None, :]
@@ -191,7 +242,7 @@ def _global_query_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, par
         valid = (offs_n < hi)[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, DOT_PRECISION)
+        dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, True, DOT_PRECISION)
     rows = ((split.to(tl.int64) * B + b) * num_global + offs_m) * H + h
     tl.store(part_dq_ptr + rows[:, None] * D + cols[None, :], dq * scale,
              mask=row_ok[:, None] & (cols < D)[None, :])
@@ -227,7 +278,8 @@ def _global_key_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, par
         valid_t = q_ok[None, :]
         if CAUSAL:
             valid_t = valid_t & (offs_n[:, None] <= offs_m[None, :])
-        dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, DOT_PRECISION)
+        dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, True,
+                           DOT_PRECISION)
     rows = ((split.to(tl.int64) * B + b) * num_global + offs_n) * H + h
     mask = key_ok[:, None] & (cols < D)[None, :]
     tl.store(part_dk_ptr + rows[:, None] * D + cols[None, :], dk * scale, mask=mask)
