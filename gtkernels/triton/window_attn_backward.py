@@ -3,9 +3,9 @@
   p_ij = exp(s_ij - lse_i), ds_ij = p_ij (dO_i . v_j - delta_i), delta_i = dO_i . O_i - dlse_i
   dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i p_ij dO_i
 
-Band keys (token >= G): a program owns a key block of one residue class and walks the query
-blocks whose band covers it, plus the global queries. Band queries: a program owns a query block
-and walks its band and the global keys (dq). Global keys and global queries meet every query or
+Band queries (token >= G) run first: a program owns a query block of one residue class,
+computes the rows' delta, and walks its band and the global keys (dq). Band keys: a program owns
+a key block and walks the query blocks whose band covers it, plus the global queries (dk, dv). Global keys and global queries meet every query or
 key: they run split over chunks into fp32 partial buffers summed in a fixed order. Every output
 row has one writer: deterministic, no atomics.
 """
@@ -17,21 +17,6 @@ from .window_attn import (LOG2E, LOG2E_K, band_autotune, band_bounds, band_grid,
                           band_program, dot_precision, effective_window, first_band_position,
                           global_blocks, interior_split, load_rows, prepare_inputs,
                           split_count)
-
-
-@triton.jit
-def _delta_kernel(grad_out_ptr, out_ptr, grad_lse_ptr, delta_ptr, rows, D,
-                  HAS_GRAD_LSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    mask = (offs < rows)[:, None] & (cols < D)[None, :]
-    ptrs = offs.to(tl.int64)[:, None] * D + cols[None, :]
-    do = tl.load(grad_out_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(out_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(do * o, 1)
-    if HAS_GRAD_LSE:
-        delta -= tl.load(grad_lse_ptr + offs, mask=offs < rows, other=0.0)
-    tl.store(delta_ptr + offs, delta, mask=offs < rows)
 
 
 @triton.jit
@@ -107,10 +92,13 @@ def dkdv_band_span(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, N, H, 
 
 @band_autotune([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)])
 @triton.jit
-def _band_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                    stride_b, stride_n, stride_h, N, H, D, window, dilation, num_global,
-                    qk_scale, scale, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _band_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, grad_lse_ptr, lse_ptr, delta_ptr,
+                    dq_ptr, stride_b, stride_n, stride_h, N, H, D, window, dilation, num_global,
+                    qk_scale, scale, CAUSAL: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """dq of the band queries; also computes and stores their delta = dO . O - dlse, which the
+    dk/dv kernels read (this kernel runs first)."""
     p0, r, b, h, length = band_program(N, H, dilation, BLOCK_M)
     first_band = first_band_position(num_global, r, dilation)
     if (p0 < length) & (p0 + BLOCK_M > first_band):
@@ -122,7 +110,14 @@ def _band_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         row_ok = offs_m < length
         q = load_rows(q_ptr + base, rows_m, row_ok, stride_n, cols, D)
         do = load_rows(do_ptr + out_base, rows_m, row_ok, H * D, cols, D)
-        lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows_m, row_ok)
+        o = load_rows(out_ptr + out_base, rows_m, row_ok, H * D, cols, D)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        stat_rows = (b.to(tl.int64) * N + rows_m) * H + h
+        if HAS_GRAD_LSE:
+            delta -= tl.load(grad_lse_ptr + stat_rows, mask=row_ok, other=0.0)
+        store_ok = row_ok & (offs_m >= first_band)
+        tl.store(delta_ptr + stat_rows, delta, mask=store_ok)
+        lse2 = tl.load(lse_ptr + stat_rows, mask=row_ok, other=0.0) * LOG2E_K
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         lo = tl.maximum(p0 - window, first_band)
         hi = tl.minimum(p0 + BLOCK_M + (0 if CAUSAL else window), length)
@@ -146,7 +141,6 @@ def _band_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
             v = load_rows(v_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
             valid = (offs_j < num_global)[None, :]
             dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, True, DOT_PRECISION)
-        store_ok = row_ok & (offs_m >= first_band)
         tl.store(dq_ptr + out_base + rows_m.to(tl.int64)[:, None] * H * D + cols[None, :],
                  (dq * scale).to(dq_ptr.dtype.element_ty),
                  mask=store_ok[:, None] & (cols < D)[None, :])
@@ -286,17 +280,12 @@ def _global_key_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, par
     tl.store(part_dv_ptr + rows[:, None] * D + cols[None, :], dv, mask=mask)
 
 
-def _row_delta(grad_out, out, grad_lse):
-    """delta = rowsum(dO * O) - dlse, fp32 [B, N, H]."""
-    rows, dim = grad_out.numel() // grad_out.shape[-1], grad_out.shape[-1]
-    delta = grad_out.new_empty(grad_out.shape[:-1], dtype=torch.float32)
-    block_d = triton.next_power_of_2(dim)
-    block_r = 16 if block_d > 64 else 32
-    grad_lse_arg = delta if grad_lse is None else grad_lse.float().contiguous()
-    _delta_kernel[(triton.cdiv(rows, block_r),)](grad_out, out, grad_lse_arg, delta, rows, dim,
-                                                HAS_GRAD_LSE=grad_lse is not None,
-                                                BLOCK_R=block_r, BLOCK_D=block_d)
-    return delta
+def _global_row_delta(grad_out, out, grad_lse, delta, num_global):
+    """delta = dO . O - dlse of the global rows [0, G) (the band dq kernel does the others)."""
+    rows = (grad_out[:, :num_global].float() * out[:, :num_global].float()).sum(-1)
+    if grad_lse is not None:
+        rows -= grad_lse[:, :num_global]
+    delta[:, :num_global] = rows
 
 
 def _global_backward(q, k, v, grad_out, lse, delta, grads, num_global, causal, scale, block_d):
@@ -339,8 +328,12 @@ def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dil
         return grads
     q, k, v = prepare_inputs(q, k, v)
     grad_out = grad_out.to(q.dtype).contiguous()
+    out = out.to(q.dtype).contiguous()
     lse = lse.float().contiguous()
-    delta = _row_delta(grad_out, out.contiguous(), grad_lse)
+    grad_lse = None if grad_lse is None else grad_lse.float().contiguous()
+    delta = torch.empty_like(lse)
+    if num_global > 0:
+        _global_row_delta(grad_out, out, grad_lse, delta, num_global)
     window, dilation = effective_window(n, window, dilation)
     block_d = max(16, triton.next_power_of_2(dim))
     args = (q.stride(0), q.stride(1), q.stride(2), n, heads, dim, window, dilation, num_global,
@@ -348,7 +341,8 @@ def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dil
     options = dict(CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d)
     grad_q, grad_k, grad_v = grads
     _band_dq_kernel[band_grid(batch * heads, n, dilation, "BLOCK_M")](
-        q, k, v, grad_out, lse, delta, grad_q, *args, **options)
+        q, k, v, out, grad_out, delta if grad_lse is None else grad_lse, lse, delta, grad_q,
+        *args, HAS_GRAD_LSE=grad_lse is not None, **options)
     _band_dkdv_kernel[band_grid(batch * heads, n, dilation, "BLOCK_N")](
         q, k, v, grad_out, lse, delta, grad_k, grad_v, *args, **options)
     if num_global > 0:
