@@ -7,8 +7,6 @@ d * stride_n, no copy). A band program owns BLOCK_M consecutive queries of one c
 (rows < G) see every key: they run split over key chunks, each chunk writing a partial
 (out, lse), combined in a fixed order (deterministic). Softmax runs in fp32 in the log2 domain.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -23,8 +21,6 @@ LN2_K = tl.constexpr(0.6931471805599453)
 PARTIAL_ROWS_BUDGET = 1 << 18
 # Fewest tiles along the long axis per chunk of a global pass (amortises the partial buffers).
 MIN_TILES_PER_SPLIT = 8
-
-
 # Band kernels are autotuned only from this many (query, head) rows (N * H) on: small problems
 # (tests) run the first config, compiling one variant instead of all.
 AUTOTUNE_MIN_ROWS = 1 << 18
@@ -60,8 +56,8 @@ def load_rows(ptr, rows, row_ok, stride_n, cols, D):
 
 @triton.jit
 def band_program(N, H, dilation, BLOCK: tl.constexpr):
-    """Decodes a band program id into (first position, residue class, b, h, class length,
-    first non-global position of the class)."""
+    """Decodes a band program id into (first position, residue class r, b, h, length of the
+    class). Consecutive programs take consecutive blocks of one class: they share K/V in L2."""
     pid = tl.program_id(0)
     blocks = ((N + dilation - 1) // dilation + BLOCK - 1) // BLOCK
     rest = pid // blocks
@@ -263,7 +259,12 @@ def split_count(long_len, num_global, batch_heads, block):
 
 
 def band_grid(batch_heads, n, dilation, block_key):
-    return lambda meta: (batch_heads * dilation * triton.cdiv(triton.cdiv(n, dilation), meta[block_key]),)
+    """Grid of a band kernel: one program per block of meta[block_key] positions of a residue
+    class, for every class and (b, h)."""
+    def grid(meta):
+        blocks = triton.cdiv(triton.cdiv(n, dilation), meta[block_key])
+        return (batch_heads * dilation * blocks,)
+    return grid
 
 
 def _global_query_forward(q, k, v, out, lse, num_global, causal, qk_scale, block_d):

@@ -5,9 +5,10 @@
 
 Band queries (token >= G) run first: a program owns a query block of one residue class,
 computes the rows' delta, and walks its band and the global keys (dq). Band keys: a program owns
-a key block and walks the query blocks whose band covers it, plus the global queries (dk, dv). Global keys and global queries meet every query or
-key: they run split over chunks into fp32 partial buffers summed in a fixed order. Every output
-row has one writer: deterministic, no atomics.
+a key block and walks the query blocks whose band covers it, plus the global queries (dk, dv).
+Global keys and global queries meet every query or key: they run split over chunks into fp32
+partial buffers summed in a fixed order. Every output row has one writer: deterministic, no
+atomics.
 """
 import torch
 import triton
