@@ -22,6 +22,8 @@ CASES = [
     (1, 33, 1, 16, 2, 2, 33, False),
     (1, 45, 1, 16, 5, 1, 20, True),
     (1, 64, 1, 24, 20, 1, 0, False),
+    (1, 80, 1, 16, 40, 1, 0, False),   # wide window: masked edges + unmasked interior tiles
+    (1, 100, 1, 16, 70, 1, 3, True),
     (1, 21, 1, 160, 2, 2, 2, False),   # head dim above 128: the small config
 ]
 

@@ -21,6 +21,10 @@ LN2_K = tl.constexpr(0.6931471805599453)
 PARTIAL_ROWS_BUDGET = 1 << 18
 # Fewest tiles along the long axis per chunk of a global pass (amortises the partial buffers).
 MIN_TILES_PER_SPLIT = 8
+# A band program splits its tiles into masked edges and an unmasked interior only when the
+# interior holds this many tiles: each split ends a software-pipelined loop, whose refill
+# costs more than the masks of one or two tiles save.
+MIN_INTERIOR_TILES = tl.constexpr(3)
 # Band kernels are autotuned only from this many (query, head) rows (N * H) on: small problems
 # (tests) run the first config, compiling one variant instead of all.
 AUTOTUNE_MIN_ROWS = 1 << 18
@@ -153,15 +157,20 @@ def _band_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, stride_b, stride
                                         p0 + 1 + (0 if CAUSAL else window), BLOCK_N)
         k_base = k_ptr + base
         v_base = v_ptr + base
-        acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, lo, mid_lo, hi, r,
-                                         dilation, stride_n, cols, D, key_lb, key_ub, qk_scale,
-                                         True, DOT_PRECISION, BLOCK_N)
-        acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, mid_lo, mid_hi, hi, r,
-                                         dilation, stride_n, cols, D, key_lb, key_ub, qk_scale,
-                                         False, DOT_PRECISION, BLOCK_N)
-        acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, mid_hi, hi, hi, r,
-                                         dilation, stride_n, cols, D, key_lb, key_ub, qk_scale,
-                                         True, DOT_PRECISION, BLOCK_N)
+        if mid_hi - mid_lo >= MIN_INTERIOR_TILES * BLOCK_N:
+            acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, lo, mid_lo, hi,
+                                             r, dilation, stride_n, cols, D, key_lb, key_ub,
+                                             qk_scale, True, DOT_PRECISION, BLOCK_N)
+            acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, mid_lo, mid_hi,
+                                             hi, r, dilation, stride_n, cols, D, key_lb, key_ub,
+                                             qk_scale, False, DOT_PRECISION, BLOCK_N)
+            acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, mid_hi, hi, hi,
+                                             r, dilation, stride_n, cols, D, key_lb, key_ub,
+                                             qk_scale, True, DOT_PRECISION, BLOCK_N)
+        else:
+            acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, lo, hi, hi, r,
+                                             dilation, stride_n, cols, D, key_lb, key_ub,
+                                             qk_scale, True, DOT_PRECISION, BLOCK_N)
         for start in range(0, num_global, BLOCK_N):
             offs_j = start + tl.arange(0, BLOCK_N)
             k = load_rows(k_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)

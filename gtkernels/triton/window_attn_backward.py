@@ -16,8 +16,8 @@ import triton.language as tl
 
 from .window_attn import (LOG2E, LOG2E_K, band_autotune, band_bounds, band_grid,
                           band_program, dot_precision, effective_window, first_band_position,
-                          global_blocks, interior_split, load_rows, prepare_inputs,
-                          split_count)
+                          MIN_INTERIOR_TILES, global_blocks, interior_split, load_rows,
+                          prepare_inputs, split_count)
 
 
 @triton.jit
@@ -127,15 +127,20 @@ def _band_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, grad_lse_ptr, lse_ptr,
                                         p0 + 1 + (0 if CAUSAL else window), BLOCK_N)
         k_base = k_ptr + base
         v_base = v_ptr + base
-        dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, lo, mid_lo, hi, r, dilation,
-                          stride_n, cols, D, key_lb, key_ub, qk_scale, True, DOT_PRECISION,
-                          BLOCK_N)
-        dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, mid_lo, mid_hi, hi, r,
-                          dilation, stride_n, cols, D, key_lb, key_ub, qk_scale, False,
-                          DOT_PRECISION, BLOCK_N)
-        dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, mid_hi, hi, hi, r, dilation,
-                          stride_n, cols, D, key_lb, key_ub, qk_scale, True, DOT_PRECISION,
-                          BLOCK_N)
+        if mid_hi - mid_lo >= MIN_INTERIOR_TILES * BLOCK_N:
+            dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, lo, mid_lo, hi, r,
+                              dilation, stride_n, cols, D, key_lb, key_ub, qk_scale, True,
+                              DOT_PRECISION, BLOCK_N)
+            dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, mid_lo, mid_hi, hi, r,
+                              dilation, stride_n, cols, D, key_lb, key_ub, qk_scale, False,
+                              DOT_PRECISION, BLOCK_N)
+            dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, mid_hi, hi, hi, r,
+                              dilation, stride_n, cols, D, key_lb, key_ub, qk_scale, True,
+                              DOT_PRECISION, BLOCK_N)
+        else:
+            dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, lo, hi, hi, r, dilation,
+                              stride_n, cols, D, key_lb, key_ub, qk_scale, True, DOT_PRECISION,
+                              BLOCK_N)
         for start in range(0, num_global, BLOCK_N):
             offs_j = start + tl.arange(0, BLOCK_N)
             k = load_rows(k_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
@@ -176,15 +181,20 @@ def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
                                         k0 + 1 + window, BLOCK_M)
         q_base = q_ptr + base
         do_base = do_ptr + out_base
-        dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N, H,
-                                lo, mid_lo, hi, r, dilation, stride_n, cols, D, query_lb,
-                                query_ub, qk_scale, True, DOT_PRECISION, BLOCK_M)
-        dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N, H,
-                                mid_lo, mid_hi, hi, r, dilation, stride_n, cols, D, query_lb,
-                                query_ub, qk_scale, False, DOT_PRECISION, BLOCK_M)
-        dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N, H,
-                                mid_hi, hi, hi, r, dilation, stride_n, cols, D, query_lb,
-                                query_ub, qk_scale, True, DOT_PRECISION, BLOCK_M)
+        if mid_hi - mid_lo >= MIN_INTERIOR_TILES * BLOCK_M:
+            dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N,
+                                    H, lo, mid_lo, hi, r, dilation, stride_n, cols, D,
+                                    query_lb, query_ub, qk_scale, True, DOT_PRECISION, BLOCK_M)
+            dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N,
+                                    H, mid_lo, mid_hi, hi, r, dilation, stride_n, cols, D,
+                                    query_lb, query_ub, qk_scale, False, DOT_PRECISION, BLOCK_M)
+            dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N,
+                                    H, mid_hi, hi, hi, r, dilation, stride_n, cols, D,
+                                    query_lb, query_ub, qk_scale, True, DOT_PRECISION, BLOCK_M)
+        else:
+            dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N,
+                                    H, lo, hi, hi, r, dilation, stride_n, cols, D, query_lb,
+                                    query_ub, qk_scale, True, DOT_PRECISION, BLOCK_M)
         if not CAUSAL:  # a causal global query i < G sees no key j >= G
             for start in range(0, num_global, BLOCK_M):
                 offs_m = start + tl.arange(0, BLOCK_M)
