@@ -73,7 +73,8 @@ def _check_inputs(q, k, v, window, dilation, num_global, scale):
 @torch.library.register_fake("gtkernels::window_attention")
 def _window_attention_fake(q, k, v, window, dilation, num_global, causal, scale):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(q.shape[:-1], dtype=lse_dtype)
 
 
 @torch.library.register_fake("gtkernels::window_attention_backward")

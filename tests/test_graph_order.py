@@ -69,7 +69,8 @@ def test_rcm_components_isolated_nodes_loops_duplicates(device):
 
 
 def test_rcm_trivial_graphs():
-    assert rcm_order(torch.zeros(1, dtype=torch.int64), torch.empty(0, dtype=torch.int64)).numel() == 0
+    empty = torch.empty(0, dtype=torch.int64)
+    assert rcm_order(torch.zeros(1, dtype=torch.int64), empty).numel() == 0
     assert_permutation(rcm_order(torch.zeros(4, dtype=torch.int32),
                                  torch.empty(0, dtype=torch.int32)), 3)
 
@@ -133,7 +134,8 @@ def test_khop_one_is_the_coalesced_graph():
 @pytest.mark.parametrize("bad,match", [
     (lambda: rcm_order(torch.tensor([0, 1]), torch.tensor([5])), r"indices must be in \[0, 1\)"),
     (lambda: rcm_order(torch.tensor([0, 2, 1]), torch.tensor([0, 1])), "non-decreasing"),
-    (lambda: rcm_order(torch.tensor([0, 1]), torch.tensor([0]), num_nodes=3), r"indptr must be \[N \+ 1\]"),
+    (lambda: rcm_order(torch.tensor([0, 1]), torch.tensor([0]), num_nodes=3),
+     r"indptr must be \[N \+ 1\]"),
     (lambda: rcm_order(torch.tensor([0.0, 1.0]), torch.tensor([0])), "indptr must have dtype"),
     (lambda: morton_order(torch.rand(5, 4)), r"pos must be \[N, 2\] or \[N, 3\]"),
     (lambda: morton_order(torch.tensor([[0.0, float("nan")]])), "pos must be finite"),
