@@ -8,6 +8,7 @@ from ._loader import load_extension
 _C = load_extension()
 
 from . import triton as _triton_kernels  # noqa: E402,F401  (registers Triton CUDA kernels)
+from .codebook import code_distill_loss, codebook_search  # noqa: E402
 from .hashing import sign_hash  # noqa: E402
 
 __version__ = _C.build_info()["version"]
@@ -18,4 +19,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["build_info", "sign_hash", "__version__"]
+__all__ = ["build_info", "code_distill_loss", "codebook_search", "sign_hash", "__version__"]
