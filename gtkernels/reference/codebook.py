@@ -19,18 +19,24 @@ def distances(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Ten
     return 1 - ip / (x_norm[:, None] * c_norm[None, :])
 
 
-def codebook_search(x, codebook, k=1, metric="l2"):
-    """Float64 distances, k smallest, ties to the lowest index. x [N, (G,) D] like gk's."""
+def codebook_search(x, codebook, k=1, metric="l2", chunk_elements=2**27):
+    """Float64 distances, k smallest, ties to the lowest index. x [N, (G,) D] like gk's.
+    Rows go in chunks of at most chunk_elements (rows x codes x D) to bound memory."""
     grouped = x.dim() == 3
     x3 = x if grouped else x.unsqueeze(1)
     cb3 = codebook if grouped else codebook.unsqueeze(0)
+    rows = max(1, chunk_elements // (cb3.shape[1] * cb3.shape[2]))
     dists, idxs = [], []
     for g in range(cb3.shape[0]):
-        d = distances(x3[:, g].double(), cb3[g].double(), metric)
-        # A stable sort keeps equal distances in index order: ties go to the lowest index.
-        order = torch.sort(d, dim=1, stable=True).indices[:, :k]
-        dists.append(torch.gather(d, 1, order))
-        idxs.append(order)
+        d_parts, i_parts = [], []
+        for start in range(0, x3.shape[0], rows):
+            d = distances(x3[start:start + rows, g].double(), cb3[g].double(), metric)
+            # A stable sort keeps equal distances in index order: ties to the lowest index.
+            order = torch.sort(d, dim=1, stable=True).indices[:, :k]
+            d_parts.append(torch.gather(d, 1, order))
+            i_parts.append(order)
+        dists.append(torch.cat(d_parts) if d_parts else x3.new_zeros((0, k), dtype=torch.float64))
+        idxs.append(torch.cat(i_parts) if i_parts else x3.new_zeros((0, k), dtype=torch.int64))
     dist, idx = torch.stack(dists, 1), torch.stack(idxs, 1)
     return (dist, idx) if grouped else (dist.squeeze(1), idx.squeeze(1))
 

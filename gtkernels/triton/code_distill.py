@@ -147,13 +147,37 @@ def _scales(temperature, metric):
     return (2.0 / temperature, 1.0 / temperature) if metric == "l2" else (1.0 / temperature, 0.0)
 
 
-def _launch_options(dim):
-    """Block sizes by D (the [rows, D] operands live in registers); fp32 via 3 tf32 passes."""
-    dp = max(16, triton.next_power_of_2(dim))
+def _prune_distill_configs(configs, named_args, **kwargs):
+    """The [rows, D] operands live in registers: smaller tiles as D grows."""
+    d_pad = max(16, triton.next_power_of_2(named_args["D"]))
+    limit = 128 if d_pad <= 64 else 64 if d_pad <= 128 else 32 if d_pad <= 256 else 16
+    keep = [c for c in configs if max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) <= limit]
+    return keep or [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+
+
+def _tuned(kernel):
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                 for bn, bk, w, st in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2),
+                                       (64, 128, 8, 2), (128, 128, 8, 2), (32, 64, 4, 2),
+                                       (32, 32, 4, 2), (16, 32, 4, 2)]],
+        key=["D"], prune_configs_by={"early_config_prune": _prune_distill_configs})(kernel)
+
+
+_forward_tuned = _tuned(_forward_kernel)
+_rows_backward_tuned = _tuned(_rows_backward_kernel)
+_codes_backward_tuned = _tuned(_codes_backward_kernel)
+
+
+def _launch(kernel, tuned, count_of, *args, dim):
+    """Runs `kernel` over cdiv(count_of(meta), ...) programs: autotuned on a GPU, one small
+    configuration in the interpreter. fp32 dots run as 3 tf32 passes (fp32-like accuracy)."""
+    d_pad = max(16, triton.next_power_of_2(dim))
     if interpreting():
-        return dict(PRECISION="ieee", BLOCK_N=16, BLOCK_K=16, DP=dp)
-    block = 64 if dp <= 128 else 32 if dp <= 256 else 16
-    return dict(PRECISION="tf32x3", BLOCK_N=block, BLOCK_K=block, DP=dp, num_warps=4)
+        meta = dict(BLOCK_N=16, BLOCK_K=16)
+        kernel[(count_of(meta),)](*args, PRECISION="ieee", DP=d_pad, **meta)
+    else:
+        tuned[lambda meta: (count_of(meta),)](*args, PRECISION="tf32x3", DP=d_pad)
 
 
 def code_distill_loss(student, teacher, codebook, temperature, metric):
@@ -167,10 +191,9 @@ def code_distill_loss(student, teacher, codebook, temperature, metric):
         out_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
         return kl.to(out_dtype), stats.to(out_dtype)
     dot_scale, norm_scale = _scales(temperature, metric)
-    opts = _launch_options(dim)
-    _forward_kernel[(triton.cdiv(num_rows, opts["BLOCK_N"]),)](
-        s, t, c, row_sq_norms(c), kl, stats, num_rows, c.shape[0], dim, dot_scale, norm_scale,
-        **opts)
+    _launch(_forward_kernel, _forward_tuned, lambda meta: triton.cdiv(num_rows, meta["BLOCK_N"]),
+            s, t, c, row_sq_norms(c), kl, stats, num_rows, c.shape[0], dim, dot_scale,
+            norm_scale, dim=dim)
     if s.dtype == torch.float64:
         return kl.double(), stats.double()
     return kl, stats
@@ -185,13 +208,14 @@ def code_distill_loss_backward(grad_row_kl, student, teacher, codebook, stats, t
     if num_rows == 0:
         return grad_s, grad_t, grad_c.zero_()
     dot_scale, norm_scale = _scales(temperature, metric)
-    opts = _launch_options(dim)
     cn = row_sq_norms(c)
     g = grad_row_kl.float().contiguous()
     st = stats.float().contiguous()
-    _rows_backward_kernel[(triton.cdiv(num_rows, opts["BLOCK_N"]),)](
-        g, s, t, c, cn, st, grad_s, grad_t, num_rows, num_codes, dim, dot_scale, norm_scale,
-        **opts)
-    _codes_backward_kernel[(triton.cdiv(num_codes, opts["BLOCK_K"]),)](
-        g, s, t, c, cn, st, grad_c, num_rows, num_codes, dim, dot_scale, norm_scale, **opts)
+    _launch(_rows_backward_kernel, _rows_backward_tuned,
+            lambda meta: triton.cdiv(num_rows, meta["BLOCK_N"]),
+            g, s, t, c, cn, st, grad_s, grad_t, num_rows, num_codes, dim, dot_scale, norm_scale,
+            dim=dim)
+    _launch(_codes_backward_kernel, _codes_backward_tuned,
+            lambda meta: triton.cdiv(num_codes, meta["BLOCK_K"]),
+            g, s, t, c, cn, st, grad_c, num_rows, num_codes, dim, dot_scale, norm_scale, dim=dim)
     return grad_s, grad_t, grad_c

@@ -31,9 +31,10 @@ SAFETY = 2.0
 
 
 @triton.jit
-def _scan_tile(x_rows, row_mask, c_base, cols, D, sxd, sck, scd,
-               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-               LANES_: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dot_chunked(x_rows, row_mask, c_base, cols, D, sxd, sck, scd,
+                 DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                 LANES_: tl.constexpr, BLOCK_D: tl.constexpr):
+    """<x_n, c_j> of a [BLOCK_N, LANES] tile, looping over D in BLOCK_D chunks."""
     acc = tl.zeros([BLOCK_N, LANES_], dtype=tl.float32)
     dk = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
@@ -49,14 +50,18 @@ def _scan_tile(x_rows, row_mask, c_base, cols, D, sxd, sck, scd,
 def _scan_kernel(x_ptr, c_ptr, nterm_ptr, eps_ptr, cand_ptr, flag_ptr,
                  N, G, K, D, sxn, sxg, sxd, scg, sck, scd,
                  METRIC: tl.constexpr, K_SEL: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 PRECISION: tl.constexpr, LANES_: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                 PRECISION: tl.constexpr, LANES_: tl.constexpr, CAND: tl.constexpr,
+                 D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     g = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     lanes = tl.arange(0, LANES_)
     x_rows = x_ptr + g.to(tl.int64) * sxg + rows[:, None].to(tl.int64) * sxn
     c_base = c_ptr + g.to(tl.int64) * scg
+    if D_PAD <= BLOCK_D:  # the rows' x stays in registers for the whole scan
+        dk = tl.arange(0, BLOCK_D)
+        x_tile = tl.load(x_rows + dk[None, :] * sxd, mask=row_mask[:, None] & (dk[None, :] < D),
+                         other=0.0).to(DOT_DTYPE)
     best = tl.full([BLOCK_N, LANES_], float("inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_N, LANES_], dtype=tl.int32)
     runner_up = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
@@ -64,8 +69,13 @@ def _scan_kernel(x_ptr, c_ptr, nterm_ptr, eps_ptr, cand_ptr, flag_ptr,
         cols = k0 + lanes
         # Codes past K read code K-1 (in bounds) and are masked to +inf below.
         safe_cols = tl.minimum(cols, K - 1)
-        acc = _scan_tile(x_rows, row_mask, c_base, safe_cols, D, sxd, sck, scd, DOT_DTYPE,
-                         PRECISION, BLOCK_N, LANES_, BLOCK_D)
+        if D_PAD <= BLOCK_D:
+            cb = tl.load(c_base + safe_cols[None, :] * sck + dk[:, None] * scd,
+                         mask=dk[:, None] < D, other=0.0)
+            acc = tl.dot(x_tile, cb.to(DOT_DTYPE), input_precision=PRECISION)
+        else:
+            acc = _dot_chunked(x_rows, row_mask, c_base, safe_cols, D, sxd, sck, scd, DOT_DTYPE,
+                               PRECISION, BLOCK_N, LANES_, BLOCK_D)
         nt = tl.load(nterm_ptr + g * K + safe_cols)
         if METRIC == 0:
             s = nt[None, :] - 2.0 * acc
@@ -87,40 +97,60 @@ def _scan_kernel(x_ptr, c_ptr, nterm_ptr, eps_ptr, cand_ptr, flag_ptr,
     kth = tl.min(remaining, axis=1)
     eps = tl.load(eps_ptr + rows * G + g, mask=row_mask, other=0.0)
     threshold = kth + 2.0 * eps
-    cand = tl.where(best <= threshold[:, None], best_idx, -1)
-    out = (rows[:, None].to(tl.int64) * G + g) * LANES_ + lanes[None, :]
-    tl.store(cand_ptr + out, cand, mask=row_mask[:, None])
-    tl.store(flag_ptr + rows * G + g, (runner_up <= threshold).to(tl.int8), mask=row_mask)
+    # Compact the candidate lanes into CAND slots per row (-1 = empty); more than CAND
+    # candidates also sends the row to the exact fallback.
+    is_cand = best <= threshold[:, None]
+    slot = tl.cumsum(is_cand.to(tl.int32), axis=1) - 1
+    count = tl.sum(is_cand.to(tl.int32), axis=1)
+    out = cand_ptr + (rows.to(tl.int64) * G + g) * CAND
+    tl.store(out[:, None] + slot, best_idx, mask=row_mask[:, None] & is_cand & (slot < CAND))
+    slots = tl.arange(0, CAND)
+    tl.store(out[:, None] + slots[None, :], tl.full([BLOCK_N, CAND], -1, dtype=tl.int32),
+             mask=row_mask[:, None] & (slots[None, :] >= count[:, None]))
+    flag = (runner_up <= threshold) | (count > CAND)
+    tl.store(flag_ptr + rows * G + g, flag.to(tl.int8), mask=row_mask)
+
+
+def _prune_scan_configs(configs, named_args, **kwargs):
+    """x in registers (BLOCK_D = padded D) up to D = 256, D chunks of 32 or 64 above 64."""
+    d_pad = max(16, triton.next_power_of_2(named_args["D"]))
+    keep = [c for c in configs if (c.kwargs["BLOCK_D"] == d_pad and d_pad <= 256)
+            or (d_pad > 64 and c.kwargs["BLOCK_D"] in (32, 64))]
+    return keep or configs[:1]
 
 
 _scan_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-             for bn, bd, w, st in [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4),
-                                   (128, 32, 8, 4), (128, 128, 8, 2), (64, 128, 4, 2)]],
+             for bd in (16, 32, 64, 128, 256)
+             for bn, w, st in [(64, 4, 3), (128, 8, 3), (64, 8, 3), (128, 8, 2)]],
     key=["D", "K", "METRIC", "K_SEL"],
+    prune_configs_by={"early_config_prune": _prune_scan_configs},
 )(_scan_kernel)
 
 
 @triton.jit
-def _exact_distances(x_row, c_base, codes, valid, D, sxd, sck, scd,
-                     METRIC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """float64 distances of one row to codes [BLOCK] (invalid ones: +inf)."""
+def _exact_distances(x_rows, c_rows, codes, valid, D, sxd, sck, scd,
+                     METRIC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """float64 distances [R, C] of rows (x_rows: [R] pointers) to codes [R, C] (c_rows: [R]
+    pointers to each row's sub-codebook); invalid entries get +inf."""
     dk = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK], dtype=tl.float64)
-    xx = tl.zeros([1], dtype=tl.float64)
-    cc = tl.zeros([BLOCK], dtype=tl.float64)
+    acc = tl.zeros(codes.shape, dtype=tl.float64)
+    xx = tl.zeros([codes.shape[0], 1], dtype=tl.float64)
+    cc = tl.zeros(codes.shape, dtype=tl.float64)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + dk
-        xv = tl.load(x_row + dd * sxd, mask=dd < D, other=0.0).to(tl.float64)
-        cv = tl.load(c_base + codes[:, None].to(tl.int64) * sck + dd[None, :] * scd,
-                     mask=valid[:, None] & (dd[None, :] < D), other=0.0).to(tl.float64)
+        xv = tl.load(x_rows[:, None] + dd[None, :] * sxd, mask=dd[None, :] < D, other=0.0)
+        xv = xv.to(tl.float64)[:, None, :]
+        cv = tl.load(c_rows[:, None, None] + codes[:, :, None].to(tl.int64) * sck
+                     + dd[None, None, :] * scd,
+                     mask=valid[:, :, None] & (dd[None, None, :] < D), other=0.0).to(tl.float64)
         if METRIC == 0:
-            diff = xv[None, :] - cv
-            acc += tl.sum(diff * diff, axis=1)
+            diff = xv - cv
+            acc += tl.sum(diff * diff, axis=2)
         else:
-            acc += tl.sum(xv[None, :] * cv, axis=1)
-            xx += tl.sum(xv * xv, axis=0)
-            cc += tl.sum(cv * cv, axis=1)
+            acc += tl.sum(xv * cv, axis=2)
+            xx += tl.sum(xv * xv, axis=2)
+            cc += tl.sum(cv * cv, axis=2)
     if METRIC == 1:
         acc = -acc
     elif METRIC == 2:
@@ -132,25 +162,25 @@ def _exact_distances(x_row, c_base, codes, valid, D, sxd, sck, scd,
 
 @triton.jit
 def _rerank_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, dist_ptr, idx_ptr,
-                   G, K, D, sxn, sxg, sxd, scg, sck, scd,
-                   METRIC: tl.constexpr, K_SEL: tl.constexpr, LANES_: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # over N * G
-    if tl.load(flag_ptr + row) != 0:
-        return
-    g = row % G
-    lanes = tl.arange(0, LANES_)
-    codes = tl.load(cand_ptr + row * LANES_ + lanes)
+                   NG, G, K, D, sxn, sxg, sxd, scg, sck, scd,
+                   METRIC: tl.constexpr, K_SEL: tl.constexpr, CAND: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # over N * G
+    live = (rows < NG)
+    live = live & (tl.load(flag_ptr + rows, mask=live, other=1) == 0)
+    g = rows % G
+    codes = tl.load(cand_ptr + rows[:, None] * CAND + tl.arange(0, CAND)[None, :],
+                    mask=live[:, None], other=-1)
     valid = codes >= 0
     codes = tl.where(valid, codes, 0)
-    d = _exact_distances(x_ptr + (row // G) * sxn + g * sxg, c_ptr + g * scg, codes, valid,
-                         D, sxd, sck, scd, METRIC, LANES_, BLOCK_D)
+    d = _exact_distances(x_ptr + (rows // G) * sxn + g * sxg, c_ptr + g * scg, codes, valid,
+                         D, sxd, sck, scd, METRIC, BLOCK_D)
     for t in tl.static_range(K_SEL):
-        m = tl.min(d, axis=0)
-        j = tl.min(tl.where(d == m, codes, K), axis=0)
-        tl.store(dist_ptr + row * K_SEL + t, m)
-        tl.store(idx_ptr + row * K_SEL + t, j.to(tl.int64))
-        d = tl.where(codes == j, float("inf"), d)
+        m = tl.min(d, axis=1)
+        j = tl.min(tl.where(d == m[:, None], codes, K), axis=1)
+        tl.store(dist_ptr + rows * K_SEL + t, m, mask=live)
+        tl.store(idx_ptr + rows * K_SEL + t, j.to(tl.int64), mask=live)
+        d = tl.where(codes == j[:, None], float("inf"), d)
 
 
 @triton.jit
@@ -162,8 +192,8 @@ def _fallback_kernel(x_ptr, c_ptr, flag_ptr, dist_ptr, idx_ptr,
     if tl.load(flag_ptr + row) == 0:
         return
     g = row % G
-    x_row = x_ptr + (row // G) * sxn + g * sxg
-    c_base = c_ptr + g * scg
+    x_row = tl.zeros([1], dtype=tl.int64) + ((row // G) * sxn + g * sxg)
+    c_row = tl.zeros([1], dtype=tl.int64) + g * scg
     offs = tl.arange(0, BLOCK)
     inf64 = tl.full([BLOCK], float("inf"), dtype=tl.float64)
     prev_d = -tl.max(inf64, axis=0)
@@ -174,8 +204,9 @@ def _fallback_kernel(x_ptr, c_ptr, flag_ptr, dist_ptr, idx_ptr,
         for k0 in range(0, K, BLOCK):
             codes = k0 + offs
             valid = codes < K
-            d = _exact_distances(x_row, c_base, codes, valid, D, sxd, sck, scd, METRIC, BLOCK,
-                                 BLOCK_D)
+            d = _exact_distances(x_ptr + x_row, c_ptr + c_row, codes[None, :], valid[None, :],
+                                 D, sxd, sck, scd, METRIC, BLOCK_D)
+            d = tl.reshape(d, [BLOCK])
             after = (d > prev_d) | ((d == prev_d) & (codes > prev_j))
             d = tl.where(valid & after, d, float("inf"))
             m = tl.min(d, axis=0)
@@ -237,24 +268,29 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
         norms = codebook_norms.float().contiguous()
     nterm = norms if metric != "cosine" else norms.sqrt().clamp_min(COSINE_EPS).reciprocal()
     eps = score_bound(x3, norms, metric)
-    cand = torch.empty((num_rows, num_groups, LANES), device=x3.device, dtype=torch.int32)
+    cand_slots = min(LANES, max(16, 2 * triton.next_power_of_2(k)))
+    cand = torch.empty((num_rows, num_groups, cand_slots), device=x3.device, dtype=torch.int32)
     flag = torch.empty((num_rows, num_groups), device=x3.device, dtype=torch.int8)
     metric_id = METRIC_IDS[metric]
     strides = (*x3.stride(), *cb3.stride())
     args = (x3, cb3, nterm.contiguous(), eps, cand, flag, num_rows, num_groups, num_codes, dim,
             *strides)
-    options = dict(METRIC=metric_id, K_SEL=k, DOT_DTYPE=_dot_dtype(x3.dtype), LANES_=LANES)
+    options = dict(METRIC=metric_id, K_SEL=k, DOT_DTYPE=_dot_dtype(x3.dtype), LANES_=LANES,
+                   CAND=cand_slots, D_PAD=max(16, triton.next_power_of_2(dim)))
     if interpreting():  # one small configuration: the interpreter is slow
         _scan_kernel[(triton.cdiv(num_rows, 16), num_groups)](
             *args, **options, PRECISION="ieee", BLOCK_N=16, BLOCK_D=16)
     else:
         grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]), num_groups)  # noqa: E731
         _scan_kernel_tuned[grid](*args, **options, PRECISION="tf32")
-    block_d = min(64, triton.next_power_of_2(dim))
+    block_d = min(32, triton.next_power_of_2(dim))
     rows = num_rows * num_groups
-    _rerank_kernel[(rows,)](x3, cb3, cand, flag, dist, idx, num_groups, num_codes, dim, *strides,
-                            METRIC=metric_id, K_SEL=k, LANES_=LANES, BLOCK_D=block_d, num_warps=4)
+    rerank_rows = max(1, 256 // cand_slots)
+    _rerank_kernel[(triton.cdiv(rows, rerank_rows),)](
+        x3, cb3, cand, flag, dist, idx, rows, num_groups, num_codes, dim, *strides,
+        METRIC=metric_id, K_SEL=k, CAND=cand_slots, ROWS=rerank_rows, BLOCK_D=block_d,
+        num_warps=4)
     _fallback_kernel[(rows,)](x3, cb3, flag, dist, idx, num_groups, num_codes, dim, *strides,
-                              METRIC=metric_id, K_SEL=k, BLOCK=64, BLOCK_D=min(32, block_d),
+                              METRIC=metric_id, K_SEL=k, BLOCK=64, BLOCK_D=block_d,
                               num_warps=4)
     return dist, idx

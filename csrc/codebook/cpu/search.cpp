@@ -7,6 +7,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -57,15 +59,54 @@ inline float approx_score(float dot, float norm_term) {
 }
 
 template <Metric M>
+void scan_row_scalar(const float* dots, const float* norm_term, int64_t codes, int64_t code0,
+                     RowState& st) {
+  double thr = st.threshold();
+  for (int64_t j = 0; j < codes; ++j) {
+    const float s = approx_score<M>(dots[j], M == Metric::kIp ? 0.f : norm_term[j]);
+    if (s <= thr) st.add(s, code0 + j, thr);
+  }
+}
+
+// The same scan, 8 codes at a time: one vector compare against the (rounded up) threshold;
+// the rare codes under it go through RowState::add.
+template <Metric M>
+__attribute__((target("avx2,fma"))) void scan_row_avx2(const float* dots, const float* norm_term,
+                                                      int64_t codes, int64_t code0, RowState& st) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  double thr = st.threshold();
+  __m256 thr_up = _mm256_set1_ps(std::nextafter(static_cast<float>(thr), kInf));
+  const __m256 minus_two = _mm256_set1_ps(-2.f);
+  int64_t j = 0;
+  for (; j + 8 <= codes; j += 8) {
+    const __m256 dot = _mm256_loadu_ps(dots + j);
+    __m256 s;
+    if constexpr (M == Metric::kL2) s = _mm256_fmadd_ps(minus_two, dot, _mm256_loadu_ps(norm_term + j));
+    if constexpr (M == Metric::kIp) s = _mm256_sub_ps(_mm256_setzero_ps(), dot);
+    if constexpr (M == Metric::kCosine) s = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), dot), _mm256_loadu_ps(norm_term + j));
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(s, thr_up, _CMP_LE_OQ));
+    if (mask == 0) continue;
+    alignas(32) float lane[8];
+    _mm256_store_ps(lane, s);
+    while (mask) {
+      const int b = __builtin_ctz(mask);
+      mask &= mask - 1;
+      if (lane[b] <= thr) st.add(lane[b], code0 + j + b, thr);
+    }
+    thr_up = _mm256_set1_ps(std::nextafter(static_cast<float>(thr), kInf));
+  }
+  scan_row_scalar<M>(dots + j, norm_term + j, codes - j, code0 + j, st);
+}
+
+template <Metric M>
 void scan_block(const float* scores, int64_t rows, int64_t codes, int64_t code0,
                 const float* norm_term, RowState* states) {
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   for (int64_t r = 0; r < rows; ++r) {
-    RowState& st = states[r];
-    const float* srow = scores + r * codes;
-    double thr = st.threshold();
-    for (int64_t j = 0; j < codes; ++j) {
-      const float s = approx_score<M>(srow[j], M == Metric::kIp ? 0.f : norm_term[code0 + j]);
-      if (s <= thr) st.add(s, code0 + j, thr);
+    if (has_avx2) {
+      scan_row_avx2<M>(scores + r * codes, norm_term + code0, codes, code0, states[r]);
+    } else {
+      scan_row_scalar<M>(scores + r * codes, norm_term + code0, codes, code0, states[r]);
     }
   }
 }
@@ -86,7 +127,10 @@ void rerank_rows(RowState* states, int64_t rows, int64_t row0, const scalar_t* x
       for (const auto& [s, j] : st.candidates) {
         if (s <= thr) exact.emplace_back(exact_distance(xrow, cgroup + j * dim, dim, 1, 1, metric), j);
       }
-      std::partial_sort(exact.begin(), exact.begin() + k, exact.end());
+      // Fewer than k candidates only happens with NaN scores (NaN inputs): pad with NaN.
+      const int64_t found = std::min<int64_t>(k, exact.size());
+      std::partial_sort(exact.begin(), exact.begin() + found, exact.end());
+      exact.resize(k, {std::numeric_limits<double>::quiet_NaN(), 0});
       const int64_t out = (n * num_groups + group) * k;
       for (int64_t t = 0; t < k; ++t) {
         dist[out + t] = static_cast<at::opmath_type<scalar_t>>(exact[t].first);
