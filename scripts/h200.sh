@@ -4,7 +4,8 @@
 #
 #   bash scripts/h200.sh OUT_DIR [STEP ...]
 #   STEP: build test bench wheel sanitize (default: build test bench)
-#   BENCH_ARGS="--family codebook" narrows the bench; PYTEST_ARGS adds pytest options.
+#   BENCH_FAMILIES="codebook hashing" and BENCH_ARGS="--problem mesh300k" narrow the bench,
+#   BENCH_TIMEOUT=120 caps each family's process (seconds); PYTEST_ARGS adds pytest options.
 #
 # OUT_DIR receives log.txt (everything), and bench/results.json + one PNG per family.
 set -uo pipefail
@@ -35,7 +36,7 @@ for s in $STEPS; do
       # assert) costs only its own family's rows.
       for fam in ${BENCH_FAMILIES:-$(python3 -c "import bench.core.registry as r; print(' '.join(sorted({p.family for p in r.load_families().problems.values()})))")}; do
         step "bench $fam"
-        run python3 -m bench --merge --family "$fam" --out "$OUT/bench" ${BENCH_ARGS:-}
+        run timeout "${BENCH_TIMEOUT:-0}" python3 -m bench --merge --family "$fam" --out "$OUT/bench" ${BENCH_ARGS:-}
       done ;;
     wheel)
       step wheel
