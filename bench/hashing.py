@@ -96,8 +96,16 @@ def embedding_bag_memory(inputs):
         rows = ref.sign_hash(x, tau).long() + first_row           # bag t: rows k * 2**tau + h_k
         weights = ref.hash_weights(x, tau)
         return F.embedding_bag(rows, tables.view(k * buckets, d), mode="sum",
-                               per_sample_weights=weights)
+                               per_sample_weights=_no_grad_if_bf16_cuda(weights))
     return forward
+
+
+def _no_grad_if_bf16_cuda(weights):
+    """torch has no CUDA bf16 backward for EmbeddingBag's per_sample_weights: there the peer
+    skips that gradient (less work than ours, so its ratio flatters the peer)."""
+    if weights.is_cuda and weights.dtype == torch.bfloat16:
+        return weights.detach()
+    return weights
 
 
 @impl(FAMILY, "nn.Linear (replaced layer)", problems=MEMORY_PROBLEMS, baseline=True)
@@ -146,17 +154,19 @@ class DeterministicEmbeddingBag(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table, idx, weights):
         with deterministic_algorithms(), torch.enable_grad():
-            leaves = (table.detach().requires_grad_(), weights.detach().requires_grad_())
-            out = F.embedding_bag(idx, leaves[0], mode="sum", per_sample_weights=leaves[1])
-        ctx.inner = (out, leaves)
+            weights = _no_grad_if_bf16_cuda(weights.detach().requires_grad_())
+            table = table.detach().requires_grad_()
+            out = F.embedding_bag(idx, table, mode="sum", per_sample_weights=weights)
+        ctx.inner = (out, table, weights)
         return out.detach()
 
     @staticmethod
     def backward(ctx, grad):
-        out, leaves = ctx.inner
+        out, table, weights = ctx.inner
+        leaves = [table] + ([weights] if weights.requires_grad else [])
         with deterministic_algorithms():
-            grad_table, grad_weights = torch.autograd.grad(out, leaves, grad)
-        return grad_table, None, grad_weights
+            grads = torch.autograd.grad(out, leaves, grad)
+        return grads[0], None, grads[1] if len(grads) > 1 else None
 
 
 @impl(FAMILY, "eager torch", problems=["hashed-emb"])
@@ -167,7 +177,8 @@ def eager_embedding(inputs):
 @impl(FAMILY, "nn.EmbeddingBag", problems=["hashed-emb"])
 def embedding_bag(inputs):
     table, idx, weights = inputs["table"], inputs["idx"], inputs["weights"]
-    return lambda: F.embedding_bag(idx, table, mode="sum", per_sample_weights=weights)
+    return lambda: F.embedding_bag(idx, table, mode="sum",
+                                   per_sample_weights=_no_grad_if_bf16_cuda(weights))
 
 
 @impl(FAMILY, "nn.EmbeddingBag deterministic", problems=["hashed-emb"])

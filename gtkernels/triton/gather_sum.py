@@ -135,34 +135,22 @@ def _segment_sum_kernel(grad_ptr, table_ptr, order_ptr, offsets_ptr, w_ptr, grad
     grad_m = grad_ptr + m * T * d
     # Entry j of every row at once; each row's entries in token order: a fixed summation order.
     # dy rows are re-read by other rows' entries: kept in L2; table rows and ids stream once.
-    # Pipelined by hand: the dy rows and weights of entry j + 1 and the entry ids of j + 2
-    # load during j.
-    p = tl.load(order_ptr + start, mask=r_mask & (0 < length), other=0)
-    p_next = tl.load(order_ptr + start + 1, mask=r_mask & (1 < length), other=0)
-    g = tl.load(grad_m + (p // B)[:, None] * d + cols[None, :],
-                mask=(r_mask & (0 < length))[:, None] & c_mask[None, :], other=0.0,
-                eviction_policy="evict_last")
-    if HAS_WEIGHTS:
-        w = tl.load(w_ptr + p, mask=r_mask & (0 < length), other=0.0)
+    # (A hand-pipelined variant of this loop, carrying the next entry's loads across
+    # iterations, fails to compile in triton 3.6: 'tt.load' mask/ptr type mismatch.)
     for j in range(0, tl.max(length, axis=0)):
         live = r_mask & (j < length)
-        live_next = r_mask & (j + 1 < length)
-        g_next = tl.load(grad_m + (p_next // B)[:, None] * d + cols[None, :],
-                         mask=live_next[:, None] & c_mask[None, :], other=0.0,
-                         eviction_policy="evict_last")
-        p_after = tl.load(order_ptr + start + j + 2, mask=r_mask & (j + 2 < length), other=0,
-                          eviction_policy="evict_first")
-        g_acc = g.to(ACC_DTYPE)
+        p = tl.load(order_ptr + start + j, mask=live, other=0, eviction_policy="evict_first")
+        g = tl.load(grad_m + (p // B)[:, None] * d + cols[None, :],
+                    mask=live[:, None] & c_mask[None, :], other=0.0,
+                    eviction_policy="evict_last").to(ACC_DTYPE)
         if HAS_WEIGHTS:
-            w_next = tl.load(w_ptr + p_next, mask=live_next, other=0.0)
-            acc += w.to(ACC_DTYPE)[:, None] * g_acc
-            w = w_next
+            w = tl.load(w_ptr + p, mask=live, other=0.0)
+            acc += w.to(ACC_DTYPE)[:, None] * g
         else:
-            acc += g_acc
+            acc += g
         if WEIGHTS_GRAD:
-            partial = tl.sum(g_acc * table_rows, axis=1)
+            partial = tl.sum(g * table_rows, axis=1)
             tl.store(grad_w_ptr + tl.program_id(1).to(tl.int64) * n + p, partial, mask=live)
-        p, p_next, g = p_next, p_after, g_next
     tl.store(grad_table_ptr + row_ptrs, acc.to(grad_table_ptr.dtype.element_ty), mask=tile_mask)
 
 
