@@ -96,8 +96,10 @@ def weighted_gather_sum(table, idx, weights):
 
 # BLOCK_D comes from d alone (see _segment_block_d): it sets grad_weights' summation order.
 # BLOCK_R (rows per program) changes no sum, so the tuner may pick it.
+# BLOCK_R = 32 with 16-aligned pointers and d fails triton 3.6's layout passes ('tt.load'
+# mask/ptr type mismatch, seen on the H200): at most 16 rows per program.
 _SEGMENT_CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w)
-                    for r in (2, 4, 8, 16, 32) for w in (4, 8)]
+                    for r in (2, 4, 8, 16) for w in (4, 8)]
 
 
 def _prune_segment_configs(configs, named_args, **kwargs):
@@ -135,11 +137,9 @@ def _segment_sum_kernel(grad_ptr, table_ptr, order_ptr, offsets_ptr, w_ptr, grad
     grad_m = grad_ptr + m * T * d
     # Entry j of every row at once; each row's entries in token order: a fixed summation order.
     # dy rows are re-read by other rows' entries: kept in L2; table rows and ids stream once.
-    # (A hand-pipelined variant of this loop, carrying the next entry's loads across
-    # iterations, fails to compile in triton 3.6: 'tt.load' mask/ptr type mismatch.)
     for j in range(0, tl.max(length, axis=0)):
-        live = r_mask & (j < length)
-        p = tl.load(order_ptr + start + j, mask=live, other=0, eviction_policy="evict_first")
+        live = j < length  # rows past R have length 0
+        p = tl.load(order_ptr + start + j, mask=live, other=0)
         g = tl.load(grad_m + (p // B)[:, None] * d + cols[None, :],
                     mask=live[:, None] & c_mask[None, :], other=0.0,
                     eviction_policy="evict_last").to(ACC_DTYPE)
@@ -223,7 +223,7 @@ COMPILE_CASES = [
     ("_segment_sum_kernel", dict(HAS_WEIGHTS=True, WEIGHTS_GRAD=True, ACC_DTYPE=tl.float32,
                                  BLOCK_R=4, BLOCK_D=1024), _INDEX_TYPES),
     ("_segment_sum_kernel", dict(HAS_WEIGHTS=True, WEIGHTS_GRAD=True, ACC_DTYPE=tl.float32,
-                                 BLOCK_R=32, BLOCK_D=16, B=1, d=1, n=1, T=1), _INDEX_TYPES),
+                                 BLOCK_R=16, BLOCK_D=16, B=1, d=1, n=1, T=1), _INDEX_TYPES),
     ("_segment_sum_kernel", dict(HAS_WEIGHTS=False, WEIGHTS_GRAD=False, ACC_DTYPE=tl.float32,
-                                 BLOCK_R=32, BLOCK_D=128), _INDEX_TYPES),
+                                 BLOCK_R=16, BLOCK_D=128), _INDEX_TYPES),
 ]
