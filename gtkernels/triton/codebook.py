@@ -124,23 +124,24 @@ _scan_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
              for bd in (16, 32, 64, 128, 256)
              for bn, w, st in [(64, 4, 3), (128, 8, 3), (64, 4, 2), (128, 8, 2)]],
-    key=["D", "K", "METRIC", "K_SEL", "LANES_"],
+    key=["D", "METRIC", "K_SEL", "LANES_"],
     prune_configs_by={"early_config_prune": _prune_scan_configs},
 )(_scan_kernel)
 
 
 @triton.jit
-def _exact_distances(x_rows, c_rows, codes, valid, D, sxd, sck, scd,
+def _exact_distances(x_rows, row_ok, c_rows, codes, valid, D, sxd, sck, scd,
                      METRIC: tl.constexpr, BLOCK_D: tl.constexpr):
-    """float64 distances [R, C] of rows (x_rows: [R] pointers) to codes [R, C] (c_rows: [R]
-    pointers to each row's sub-codebook); invalid entries get +inf."""
+    """float64 distances [R, C] of rows (x_rows: [R] pointers, read where row_ok) to codes
+    [R, C] (c_rows: [R] pointers to each row's sub-codebook); invalid entries get +inf."""
     dk = tl.arange(0, BLOCK_D)
     acc = tl.zeros(codes.shape, dtype=tl.float64)
     xx = tl.zeros([codes.shape[0], 1], dtype=tl.float64)
     cc = tl.zeros(codes.shape, dtype=tl.float64)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + dk
-        xv = tl.load(x_rows[:, None] + dd[None, :] * sxd, mask=dd[None, :] < D, other=0.0)
+        xv = tl.load(x_rows[:, None] + dd[None, :] * sxd, mask=row_ok[:, None] & (dd[None, :] < D),
+                     other=0.0)
         xv = xv.to(tl.float64)[:, None, :]
         cv = tl.load(c_rows[:, None, None] + codes[:, :, None].to(tl.int64) * sck
                      + dd[None, None, :] * scd,
@@ -174,8 +175,8 @@ def _rerank_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, dist_ptr, idx_ptr,
                     mask=live[:, None], other=-1)
     valid = codes >= 0
     codes = tl.where(valid, codes, 0)
-    d = _exact_distances(x_ptr + (rows // G) * sxn + g * sxg, c_ptr + g * scg, codes, valid,
-                         D, sxd, sck, scd, METRIC, BLOCK_D)
+    d = _exact_distances(x_ptr + (rows // G) * sxn + g * sxg, live, c_ptr + g * scg, codes,
+                         valid, D, sxd, sck, scd, METRIC, BLOCK_D)
     for t in tl.static_range(K_SEL):
         m = tl.min(d, axis=1)
         j = tl.min(tl.where(d == m[:, None], codes, K), axis=1)
@@ -205,8 +206,8 @@ def _fallback_kernel(x_ptr, c_ptr, flag_ptr, dist_ptr, idx_ptr,
         for k0 in range(0, K, BLOCK):
             codes = k0 + offs
             valid = codes < K
-            d = _exact_distances(x_ptr + x_row, c_ptr + c_row, codes[None, :], valid[None, :],
-                                 D, sxd, sck, scd, METRIC, BLOCK_D)
+            d = _exact_distances(x_ptr + x_row, x_row >= 0, c_ptr + c_row, codes[None, :],
+                                 valid[None, :], D, sxd, sck, scd, METRIC, BLOCK_D)
             d = tl.reshape(d, [BLOCK])
             after = (d > prev_d) | ((d == prev_d) & (codes > prev_j))
             d = tl.where(valid & after, d, float("inf"))
