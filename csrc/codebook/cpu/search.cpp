@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -23,7 +24,7 @@ namespace gtk::codebook {
 namespace {
 
 // Rows per parallel task; BLAS path: a chunk's scores (128 x 2048 floats) stay in cache.
-constexpr int64_t kRowChunk = 128;
+constexpr int64_t kRowChunk = 64;
 constexpr int64_t kCodeChunk = 2048;
 
 template <Metric M>
@@ -101,15 +102,18 @@ void search_group(const at::Tensor& x, const at::Tensor& codebook, const at::Ten
   }
   const int64_t panels_per_chunk = std::max<int64_t>(1, (256 << 10) / (dim * kPanel * 4));
   const float* xp = x32.data_ptr<float>();
-  // One parallel region over row chunks; BLAS (other CPUs) runs single-threaded inside it.
+  // One parallel region; each worker takes row chunks from a shared counter (balanced even
+  // when a core is busy elsewhere). BLAS (other CPUs) runs single-threaded inside it.
   const int64_t num_chunks = (num_rows + kRowChunk - 1) / kRowChunk;
-  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+  std::atomic<int64_t> next_chunk{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_chunks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     at::Tensor scores = fused ? at::Tensor() : at::empty({kRowChunk * kCodeChunk}, x32.options());
     std::vector<RowState> states(kRowChunk);
     std::vector<RowState*> state_ptrs(kRowChunk);
     for (int64_t r = 0; r < kRowChunk; ++r) state_ptrs[r] = &states[r];
     std::vector<float> x_tail(kTileRows * dim);
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    for (int64_t chunk = next_chunk++; chunk < num_chunks; chunk = next_chunk++) {
       const int64_t row0 = chunk * kRowChunk;
       const int64_t rows = std::min(kRowChunk, num_rows - row0);
       for (int64_t r = 0; r < rows; ++r) {
