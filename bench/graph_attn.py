@@ -53,7 +53,7 @@ def attention_problem(edge_index, num_nodes, heads, dim, device, dtype=None):
 
 
 def mesh(device, quick, heads=4, dim=32, shuffle=False):
-    side = 10 if quick else 67
+    side = 8 if quick else 67
     edge_index = grid_edge_index(side, device)
     if shuffle:
         perm = torch.randperm(side**3, device=device,
@@ -82,13 +82,13 @@ def mesh300k_shuffled(device, quick):
 @problem(FAMILY, "powerlaw1m", grads=GRADS, compare=max_rel_err,
          note="1M nodes, 16M edges, dst ~ r^-1.1 (hub of ~2M in-edges), H=4, D=32")
 def powerlaw1m(device, quick):
-    n, e = (2000, 32000) if quick else (1000000, 16000000)
+    n, e = (1000, 16000) if quick else (1000000, 16000000)
     return attention_problem(power_law_edge_index(n, e, device), n, 4, 32, device)
 
 
 @problem(FAMILY, "mesh10m", grads=GRADS, compare=max_rel_err, note="216^3 grid, ~70M edges")
 def mesh10m(device, quick):
-    side = 12 if quick else 216
+    side = 10 if quick else 216
     return attention_problem(grid_edge_index(side, device), side**3, 4, 32, device)
 
 

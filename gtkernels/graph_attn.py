@@ -15,7 +15,8 @@ def graph_attention(q, k, v, g, *, edge_bias=None, edge_attr=None, scale=None, w
     Args:
         q, k, v: float32 / bfloat16 / float16 / float64 ``[N, H, D]``, one dtype and device.
         g: a `Graph` with ``g.num_nodes == N`` on q's device.
-        edge_bias: optional ``[E, H]`` of q's dtype, added to the score of each edge.
+        edge_bias: optional ``[E, H]`` of q's dtype, added to the score of each edge
+            (-inf drops the edge for that head).
         edge_attr: optional ``[E, H, D]`` of q's dtype, added to k_j and v_j on that edge
             (PyG TransformerConv's ``edge_dim``). Per-edge tensors are in the order of the
             edges the Graph was built from.

@@ -73,9 +73,10 @@ def _cuthill_mckee(indptr, indices, degree, start, position, offset):
         total = int(counts.sum())
         if total == 0:
             break
-        first_edge = torch.repeat_interleave(indptr[frontier] - (counts.cumsum(0) - counts), counts)
+        first_edge = torch.repeat_interleave(indptr[frontier] - (counts.cumsum(0) - counts),
+                                             counts, output_size=total)
         neighbours = indices[first_edge + torch.arange(total, device=device)]
-        parent_position = torch.repeat_interleave(position[frontier], counts)
+        parent_position = torch.repeat_interleave(position[frontier], counts, output_size=total)
         fresh = position[neighbours] < 0
         neighbours, parent_position = neighbours[fresh], parent_position[fresh]
         if neighbours.numel() == 0:
@@ -187,9 +188,11 @@ def khop(edge_index, k, num_nodes=None):
         start, middle = new % n, new // n  # pairs start -> middle, extended by middle -> end
         counts = out_ptr[middle + 1] - out_ptr[middle]
         total = int(counts.sum())
-        first_edge = torch.repeat_interleave(out_ptr[middle] - (counts.cumsum(0) - counts), counts)
+        first_edge = torch.repeat_interleave(out_ptr[middle] - (counts.cumsum(0) - counts), counts,
+                                             output_size=total)
         end = out_dst[first_edge + torch.arange(total, device=new.device)]
-        candidates = torch.unique(end * n + torch.repeat_interleave(start, counts))
+        candidates = torch.unique(end * n + torch.repeat_interleave(start, counts,
+                                                                    output_size=total))
         found = torch.searchsorted(reached, candidates).clamp_max(max(reached.numel() - 1, 0))
         new = candidates[reached[found] != candidates] if reached.numel() else candidates
         reached = torch.sort(torch.cat([reached, new])).values

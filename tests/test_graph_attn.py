@@ -136,6 +136,28 @@ def test_no_edges(device, n):
     assert grads[3].shape == (0, 2) and grads[4].shape == (0, 2, 8)
 
 
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_minus_inf_bias_masks_edges(device):
+    """An edge with bias -inf drops out; a node whose edges all have -inf gets zeros."""
+    n, e, h, d = 10, 40, 2, 8
+    edge_index = random_edge_index(n, e, device=device)
+    edge_index[1, :4] = 0
+    g = gk.Graph.from_edge_index(edge_index, num_nodes=n)
+    q, k, v, edge_bias, _ = attention_inputs(n, e, h, d, device=device, bias=True,
+                                             requires_grad=True)
+    masked = (torch.rand(e, device=device) < 0.3) | (edge_index[1] == 0)
+    bias = torch.where(masked[:, None], float("-inf"), edge_bias)
+    out = gk.graph_attention(q, k, v, g, edge_bias=bias)
+    kept = edge_index[:, ~masked]
+    expected = ref.segment_softmax_attention(q, k, v, kept, edge_bias[~masked])
+    torch.testing.assert_close(out, expected)
+    assert bool((out[0] == 0).all())
+    grads = torch.autograd.grad(out, [q, k, v], torch.ones_like(out))
+    expected_grads = torch.autograd.grad(expected, [q, k, v], torch.ones_like(out))
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_duplicate_edges_count_separately():
     q, k, v, _, _ = attention_inputs(3, 0, 1, 8, dtype=torch.float64)
     once = gk.Graph.from_edge_index(torch.tensor([[1, 2], [0, 0]]), num_nodes=3)
@@ -171,8 +193,13 @@ def test_backward_is_deterministic(device):
         out = gk.graph_attention(*inputs[:3], g, edge_bias=inputs[3], edge_attr=inputs[4])
         return torch.autograd.grad(out, inputs, torch.ones_like(out))
 
-    for a, b in zip(grads(), grads()):
-        assert torch.equal(a, b)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # every op on the path must allow it
+    try:
+        for a, b in zip(grads(), grads()):
+            assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
 
 
 def op_args(n, e, h, d, device, dtype=torch.float32):
@@ -204,12 +231,13 @@ def test_opcheck(device, features):
     torch.library.opcheck(torch.ops.gtkernels.graph_attention_backward.default, bwd_args)
 
 
-def test_compiles_without_graph_break():
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_compiles_without_graph_break(device):
     n, e, h, d = 12, 50, 2, 8
-    edge_index = random_edge_index(n, e, isolated=2)
+    edge_index = random_edge_index(n, e, isolated=2, device=device)
     g = gk.Graph.from_edge_index(edge_index, num_nodes=n)
-    q, k, v, edge_bias, edge_attr = attention_inputs(n, e, h, d, bias=True, attr=True,
-                                                     requires_grad=True)
+    q, k, v, edge_bias, edge_attr = attention_inputs(n, e, h, d, device=device, bias=True,
+                                                     attr=True, requires_grad=True)
 
     def f(q, k, v, edge_bias, edge_attr):
         out = gk.graph_attention(q * 2.0, k, v, g, edge_bias=edge_bias, edge_attr=edge_attr)
@@ -221,6 +249,24 @@ def test_compiles_without_graph_break():
     got = torch.autograd.grad(compiled(*leaves), leaves)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_int64_indices(device):
+    """Graphs past 2**31 nodes or edges keep int64 indices; the kernels take both."""
+    n, e, h, d = 16, 60, 2, 8
+    g = gk.Graph.from_edge_index(random_edge_index(n, e, hub_edges=40, device=device), n)
+    wide = gk.Graph(n, g.indptr, g.indices.long(), g.edge_perm, g.csc_indptr,
+                    g.csc_indices.long(), g.csc_edge_ids.long())
+    inputs = attention_inputs(n, e + 40, h, d, device=device, bias=True, attr=True,
+                              requires_grad=True)
+
+    def fwd_bwd(graph):
+        out = gk.graph_attention(*inputs[:3], graph, edge_bias=inputs[3], edge_attr=inputs[4])
+        return [out, *torch.autograd.grad(out, inputs, torch.ones_like(out))]
+
+    for a, b in zip(fwd_bwd(wide), fwd_bwd(g)):
+        assert torch.equal(a, b)
 
 
 def test_window_and_global_nodes_not_implemented():

@@ -19,7 +19,7 @@ def _device():
     return "cpu" if interpreting() else "cuda"
 
 
-def launch(g, inputs, grad_out, scale, chunk):
+def launch(g, inputs, grad_out, scale, chunk, grad_lse=None):
     """Forward and backward launchers on per-edge tensors in construction order."""
     from gtkernels.triton.graph_attn import LaunchConfig, graph_attention_forward
     from gtkernels.triton.graph_attn_bwd import graph_attention_backward
@@ -32,7 +32,7 @@ def launch(g, inputs, grad_out, scale, chunk):
     config = LaunchConfig(chunk=chunk)
     out, lse = graph_attention_forward(*graph, q, k, v, bias, attr, scale, config)
     dq, dk, dv, d_bias, d_attr = graph_attention_backward(
-        grad_out, None, q, k, v, out, lse, *graph, bias, attr, scale, config)
+        grad_out, grad_lse, q, k, v, out, lse, *graph, bias, attr, scale, config)
     inverse = torch.argsort(perm)
     d_bias = None if edge_bias is None else d_bias[inverse]
     d_attr = None if edge_attr is None else d_attr[inverse]
@@ -51,15 +51,20 @@ def test_triton_kernels_match_reference(dtype, h, d, features):
     inputs = attention_inputs(n, e + hub, h, d, dtype=dtype, device=device, bias=features,
                               attr=features)
     grad_out = torch.randn(n, h, d, device=device, dtype=dtype)
+    grad_lse = torch.randn(n, h, device=device) if features else None  # gradient through lse
     scale = 0.7 * d ** -0.5
-    out, lse, grads = launch(g, inputs, grad_out, scale, chunk=4)
+    out, lse, grads = launch(g, inputs, grad_out, scale, chunk=4, grad_lse=grad_lse)
 
     def reference(as_dtype):
         leaves = [None if t is None else t.to(as_dtype).requires_grad_(True) for t in inputs]
         o, l = ref.segment_softmax_attention(*leaves[:3], edge_index, *leaves[3:], scale=scale,
                                              return_lse=True)
         used = [t for t in leaves if t is not None]
-        return o, l, list(torch.autograd.grad(o, used, grad_out.to(as_dtype)))
+        outputs, grads = [o], [grad_out.to(as_dtype)]
+        if grad_lse is not None:
+            outputs.append(torch.where(torch.isinf(l), 0.0, l))
+            grads.append(grad_lse.to(l.dtype))
+        return o, l, list(torch.autograd.grad(outputs, used, grads))
 
     same_out, _, same_grads = reference(dtype)
     exact_out, exact_lse, exact_grads = reference(torch.float64)
@@ -94,3 +99,22 @@ def test_triton_backward_is_deterministic():
     again = launch(g, inputs, grad_out.clone(), 0.25, chunk=4)[2]
     for a, b in zip(first, again):
         assert torch.equal(a, b)
+
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter does not type-check like the compiler: compile the real kernels for
+    sm_90 (no GPU needed), in a process without TRITON_INTERPRET."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.compiler")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    script = os.path.join(root, "tests", "graph_attn_aot.py")
+    done = subprocess.run([sys.executable, script, "3", "20"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled 5 kernels" in done.stdout

@@ -18,12 +18,14 @@ CASES = [
     (1, 45, 1, 16, 5, 1, 20, True),    # more globals than the window
     (1, 29, 1, 8, 100, 1, 0, False),   # window larger than N
     (1, 1, 1, 16, 0, 1, 0, False),     # one token, window 0
+    (1, 26, 2, 160, 2, 2, 3, False),   # head dim above 128
 ]
 GPU_CASES = [
     (1, 3000, 4, 64, 64, 4, 8, False),
     (2, 1500, 2, 128, 32, 2, 0, True),
     (1, 2500, 2, 64, 256, 2, 3, False),
     (1, 999, 3, 40, 7, 5, 100, True),
+    (1, 700, 2, 256, 16, 3, 4, False),
 ]
 
 

@@ -22,6 +22,7 @@ CASES = [
     (1, 33, 1, 16, 2, 2, 33, False),
     (1, 45, 1, 16, 5, 1, 20, True),
     (1, 64, 1, 24, 20, 1, 0, False),
+    (1, 21, 1, 160, 2, 2, 2, False),   # head dim above 128: the small config
 ]
 
 
@@ -71,3 +72,19 @@ def test_triton_global_passes_split_and_combine(monkeypatch):
     monkeypatch.setattr(window_attn, "MIN_TILES_PER_SPLIT", 1)
     for case in [(1, 61, 1, 16, 2, 2, 3, False), (1, 50, 1, 16, 3, 1, 20, True)]:
         check_against_reference(triton_attention(*case[4:]), case, torch.float32, _device())
+
+
+def test_triton_backward_without_lse_gradient():
+    from gtkernels.reference import window_attn as ref
+    from gtkernels.triton.window_attn import window_attention_forward
+    from gtkernels.triton.window_attn_backward import window_attention_backward
+
+    device = _device()
+    q, k, v, grad_out = (torch.randn(1, 35, 2, 16, device=device) for _ in range(4))
+    out, lse = window_attention_forward(q, k, v, 3, 2, 4, False, 0.25)
+    grads = window_attention_backward(grad_out, None, q, k, v, out, lse, 3, 2, 4, False, 0.25)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    expected = torch.autograd.grad(ref.window_attention(q64, k64, v64, 3, 2, 4, False, 0.25)[0],
+                                   (q64, k64, v64), grad_out.double())
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)

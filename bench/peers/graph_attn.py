@@ -87,6 +87,14 @@ def flex_tile_bitmap(inputs):
     def forward():
         qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         return attend(qt, kt, vt, block_mask=block_mask)[0].transpose(0, 1)
+
+    try:  # compile and run forward and backward once: a failure means unsupported here
+        out = forward()
+        leaves = [t for t in (q, k, v) if t.requires_grad]
+        if leaves:
+            torch.autograd.grad(out, leaves, torch.ones_like(out))
+    except Exception as exc:
+        raise Unsupported(f"FlexAttention failed: {type(exc).__name__}: {str(exc)[:80]}") from exc
     return forward
 
 

@@ -18,12 +18,16 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tuning knobs of the graph-attention kernels."""
+    """Tuning knobs of the graph-attention kernels. The loops are latency-bound gathers, so
+    the defaults favour many small resident programs: at H=4, D=32 an sm_90 compile gives
+    56 / 80 / 48 registers (forward / destination / source pass) at 2 warps, 18 / 12 / 21
+    programs per SM (bench/graph_attn_tune.py measures the alternatives)."""
     chunk: int = 512          # edges per segment: bounds the loop of one program, splits hubs
-    fwd_tile: int = 2048      # BLOCK_S * BLOCK_H * BLOCK_D of a forward program
-    bwd_tile: int = 1024      # the same for the backward passes
+    fwd_tile: int = 256       # BLOCK_S * BLOCK_H * BLOCK_D of a forward program
+    bwd_tile: int = 256       # the same for the backward passes
     combine_tile: int = 4096  # BLOCK_P * BLOCK_H * BLOCK_D: partials merged per combine step
-    num_warps: int = 4
+    num_warps: int = 2        # of the row / column passes
+    combine_warps: int = 4    # of the combines (one program per hub walks all its partials)
 
 
 DEFAULT_CONFIG = LaunchConfig()
@@ -67,10 +71,12 @@ def _forward_kernel(indptr, indices, q, k, v, edge_bias, edge_attr, out, lse,
     m = tl.full([BLOCK_S, BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_S, BLOCK_H, BLOCK_D], tl.float32)
+    j_next = tl.load(indices + start, mask=start < stop, other=0)
     for t in range(0, tl.max(stop - start, axis=0)):
         e = start + t
         on = e < stop
-        j = tl.load(indices + e, mask=on, other=0).to(tl.int64)
+        j = j_next.to(tl.int64)  # the next source is loaded while this edge's rows arrive
+        j_next = tl.load(indices + e + 1, mask=e + 1 < stop, other=0)
         kv_mask = on[:, None, None] & hd_ok
         kv_off = j[:, None, None] * (H * D) + hd
         k_j = tl.load(k + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
@@ -184,5 +190,5 @@ def graph_attention_forward(indptr, indices, csc_indptr, csc_indices, csc_edge_i
         _softmax_combine_kernel[(sched.num_split,)](
             sched.split_row, sched.seg_count, sched.part_end, part_m, part_l, part_acc, out, lse,
             n, H=h, D=d, BLOCK_P=max(1, config.combine_tile // (block_h * block_d)),
-            BLOCK_H=block_h, BLOCK_D=block_d, num_warps=config.num_warps)
+            BLOCK_H=block_h, BLOCK_D=block_d, num_warps=config.combine_warps)
     return out, lse

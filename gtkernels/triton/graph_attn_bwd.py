@@ -44,10 +44,12 @@ def _destination_kernel(indptr, indices, q, k, v, dout, out, lse, grad_lse, edge
     lse_i = tl.load(lse + row[:, None] * H + hs[None, :], mask=head_mask, other=0.0)
     lse_i = lse_i.to(tl.float32) * 1.4426950408889634
     dq_acc = tl.zeros([BLOCK_S, BLOCK_H, BLOCK_D], tl.float32)
+    j_next = tl.load(indices + start, mask=start < stop, other=0)
     for t in range(0, tl.max(stop - start, axis=0)):
         e = start + t
         on = e < stop
-        j = tl.load(indices + e, mask=on, other=0).to(tl.int64)
+        j = j_next.to(tl.int64)  # prefetched one edge ahead, as in the forward
+        j_next = tl.load(indices + e + 1, mask=e + 1 < stop, other=0)
         kv_mask = on[:, None, None] & hd_ok
         kv_off = j[:, None, None] * (H * D) + hd
         k_j = tl.load(k + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
@@ -92,11 +94,15 @@ def _source_kernel(csc_indptr, csc_indices, csc_edge_ids, q, dout, prob, dscore,
     hd_ok = (head_ok[:, None] & (ds[None, :] < D))[None, :, :]
     dk_acc = tl.zeros([BLOCK_S, BLOCK_H, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_S, BLOCK_H, BLOCK_D], tl.float32)
+    i_next = tl.load(csc_indices + start, mask=start < stop, other=0)
+    e_next = tl.load(csc_edge_ids + start, mask=start < stop, other=0)
     for t in range(0, tl.max(stop - start, axis=0)):
         c = start + t
         on = c < stop
-        i = tl.load(csc_indices + c, mask=on, other=0).to(tl.int64)
-        e = tl.load(csc_edge_ids + c, mask=on, other=0).to(tl.int64)
+        i = i_next.to(tl.int64)  # destination and edge id prefetched one edge ahead
+        e = e_next.to(tl.int64)
+        i_next = tl.load(csc_indices + c + 1, mask=c + 1 < stop, other=0)
+        e_next = tl.load(csc_edge_ids + c + 1, mask=c + 1 < stop, other=0)
         edge_mask = on[:, None] & head_ok[None, :]
         p = tl.load(prob + e[:, None] * H + hs[None, :], mask=edge_mask, other=0.0)
         d_s = tl.load(dscore + e[:, None] * H + hs[None, :], mask=edge_mask, other=0.0)
@@ -145,7 +151,7 @@ def _combine_sums(sched, part, dst, config):
     _sum_combine_kernel[(sched.num_split,)](
         sched.split_row, sched.seg_count, sched.part_end, part, dst, sched.num_rows, HD=hd,
         BLOCK_P=max(1, config.combine_tile // block_hd), BLOCK_HD=block_hd,
-        num_warps=config.num_warps)
+        num_warps=config.combine_warps)
 
 
 def graph_attention_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indices, csc_indptr,

@@ -16,19 +16,39 @@ import triton.language as tl
 from . import interpreting
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# The same constants inside kernels (jit code reads only constexpr globals).
+LOG2E_K = tl.constexpr(LOG2E)
+LN2_K = tl.constexpr(0.6931471805599453)
 # Bound of S * G * B * H rows of the fp32 partial buffers of the global passes.
 PARTIAL_ROWS_BUDGET = 1 << 18
 # Fewest tiles along the long axis per chunk of a global pass (amortises the partial buffers).
 MIN_TILES_PER_SPLIT = 8
 
 
-def tile_configs(block_pairs, warps_stages):
-    """Autotune configs; a single small one under the interpreter (it is slow)."""
+# Band kernels are autotuned only from this many (query, head) rows (N * H) on: small problems
+# (tests) run the first config, compiling one variant instead of all.
+AUTOTUNE_MIN_ROWS = 1 << 18
+# Head dims above this run one small config that fits shared memory in every dtype.
+LARGE_HEAD_DIM = 128
+LARGE_HEAD_CONFIG = (32, 32, 4, 1)
+
+
+def band_autotune(configs):
+    """Autotuner of a band kernel over (BLOCK_M, BLOCK_N, num_warps, num_stages) configs, the first
+    being the default. Under the interpreter: one small config (it is slow)."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n in block_pairs for w, s in warps_stages]
+        configs = [(16, 16, 1, 1)]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in configs + [LARGE_HEAD_CONFIG]]
+
+    def prune(configs, named_args, **kwargs):
+        if named_args["D"] > LARGE_HEAD_DIM:
+            return configs[-1:]
+        large = named_args["N"] * named_args["H"] >= AUTOTUNE_MIN_ROWS
+        return configs[:-1] if large else configs[:1]
+
+    return triton.autotune(configs=configs, key=["N", "H", "window", "dilation", "D", "CAUSAL"],
+                           prune_configs_by={"early_config_prune": prune})
 
 
 @triton.jit
@@ -58,12 +78,37 @@ def first_band_position(num_global, r, dilation):
 
 
 @triton.jit
-def attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT_PRECISION: tl.constexpr):
+def band_bounds(offs, window, hi, CAUSAL: tl.constexpr):
+    """Per row (query position) of a band tile, the first and last key position it attends:
+    [p - window, min(p + window, hi - 1)] (p instead of p + window if causal). Two bounds per
+    row make the tile mask two compares per element."""
+    return offs - window, tl.minimum(offs + (0 if CAUSAL else window), hi - 1)
+
+
+@triton.jit
+def interior_split(lo, hi, full_start, full_end, BLOCK: tl.constexpr):
+    """Splits the tiles lo, lo + BLOCK, ... below hi at mid_lo <= mid_hi: the tiles of
+    [mid_lo, mid_hi) lie inside [full_start, full_end), where every row of the program meets
+    every column, so they need no mask; the tiles outside are masked."""
+    tiles = tl.maximum(hi - lo + BLOCK - 1, 0) // BLOCK
+    first = tl.minimum(tl.maximum(full_start - lo + BLOCK - 1, 0) // BLOCK, tiles)
+    last = tl.minimum(tl.maximum(tl.maximum(tl.minimum(full_end, hi) - lo, 0) // BLOCK, first),
+                      tiles)
+    return lo + first * BLOCK, lo + last * BLOCK
+
+
+@triton.jit
+def attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, MASKED: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
     """One online-softmax step over a key tile, scores in the log2 domain."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+    if MASKED:
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -71,8 +116,23 @@ def attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT_PRECISION: tl.const
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=tile_configs([(128, 64), (64, 64)], [(4, 3), (8, 3)]),
-                 key=["window", "dilation", "D", "CAUSAL"])
+@triton.jit
+def attend_band_span(acc, m_i, l_i, q, k_ptr, v_ptr, start, end, hi, r, dilation, stride_n,
+                     cols, D, key_lb, key_ub, qk_scale, MASKED: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """attend_tile over the band key tiles start, start + BLOCK_N, ... < end (keys < hi)."""
+    for tile in range(start, end, BLOCK_N):
+        offs_n = tile + tl.arange(0, BLOCK_N)
+        rows_n = r + offs_n * dilation
+        k = load_rows(k_ptr, rows_n, offs_n < hi, stride_n, cols, D)
+        v = load_rows(v_ptr, rows_n, offs_n < hi, stride_n, cols, D)
+        valid = (offs_n[None, :] >= key_lb[:, None]) & (offs_n[None, :] <= key_ub[:, None])
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, MASKED,
+                                    DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@band_autotune([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3)])
 @triton.jit
 def _band_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, stride_b, stride_n, stride_h,
                          N, H, D, window, dilation, num_global, qk_scale,
@@ -92,20 +152,27 @@ def _band_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, stride_b, stride
         # Band keys; those of global tokens are skipped here and met once, below.
         lo = tl.maximum(p0 - window, first_band)
         hi = tl.minimum(p0 + BLOCK_M + (0 if CAUSAL else window), length)
-        for start in range(lo, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            rows_n = r + offs_n * dilation
-            k = load_rows(k_ptr + base, rows_n, offs_n < hi, stride_n, cols, D)
-            v = load_rows(v_ptr + base, rows_n, offs_n < hi, stride_n, cols, D)
-            diff = offs_n[None, :] - offs_m[:, None]
-            valid = (offs_n < hi)[None, :] & (diff <= (0 if CAUSAL else window)) & (diff >= -window)
-            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT_PRECISION)
+        key_lb, key_ub = band_bounds(offs_m, window, hi, CAUSAL)
+        mid_lo, mid_hi = interior_split(lo, hi, p0 + BLOCK_M - 1 - window,
+                                        p0 + 1 + (0 if CAUSAL else window), BLOCK_N)
+        k_base = k_ptr + base
+        v_base = v_ptr + base
+        acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, lo, mid_lo, hi, r,
+                                         dilation, stride_n, cols, D, key_lb, key_ub, qk_scale,
+                                         True, DOT_PRECISION, BLOCK_N)
+        acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, mid_lo, mid_hi, hi, r,
+                                         dilation, stride_n, cols, D, key_lb, key_ub, qk_scale,
+                                         False, DOT_PRECISION, BLOCK_N)
+        acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, mid_hi, hi, hi, r,
+                                         dilation, stride_n, cols, D, key_lb, key_ub, qk_scale,
+                                         True, DOT_PRECISION, BLOCK_N)
         for start in range(0, num_global, BLOCK_N):
             offs_j = start + tl.arange(0, BLOCK_N)
             k = load_rows(k_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
             v = load_rows(v_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
-            valid = (offs_j < num_global)[None, :] & (offs_m >= 0)[:, None]
-            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT_PRECISION)
+            valid = (offs_j < num_global)[None, :]
+            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, True,
+                                        DOT_PRECISION)
         # Rows of global tokens are written by the global pass.
         store_ok = (offs_m < length) & (offs_m >= first_band)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -114,7 +181,7 @@ def _band_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, stride_b, stride
         tl.store(out_ptr + out_rows[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=store_ok[:, None] & (cols < D)[None, :])
         lse_rows = (b.to(tl.int64) * N + rows_m) * H + h
-        tl.store(lse_ptr + lse_rows, (m_i + tl.log2(l_safe)) * LN2, mask=store_ok)
+        tl.store(lse_ptr + lse_rows, (m_i + tl.log2(l_safe)) * LN2_K, mask=store_ok)
 
 
 @triton.jit
@@ -145,15 +212,16 @@ def _global_query_forward_kernel(q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr
         offs_n = start + tl.arange(0, BLOCK_N)
         k = load_rows(k_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
         v = load_rows(v_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
-        valid = (offs_n < hi)[None, :] & (offs_m >= 0)[:, None]
+        valid = (offs_n < hi)[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT_PRECISION)
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, True,
+                                    DOT_PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     rows = ((split.to(tl.int64) * B + b) * num_global + offs_m) * H + h
     tl.store(part_out_ptr + rows[:, None] * D + cols[None, :], acc / l_safe[:, None],
              mask=(offs_m < num_global)[:, None] & (cols < D)[None, :])
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2_K)
     tl.store(part_lse_ptr + rows, lse, mask=offs_m < num_global)
 
 
@@ -176,11 +244,13 @@ def effective_window(n, window, dilation):
     return min(window, max(n - 1, 0) // dilation), dilation
 
 
-def global_blocks(num_global):
-    """(rows per program, tile along the long axis) of the global passes."""
+def global_blocks(num_global, dim):
+    """(rows per program, tile along the long axis, num_stages) of the global passes."""
     if interpreting():
-        return 16, 16
-    return max(16, min(64, triton.next_power_of_2(num_global))), 64
+        return 16, 16, 1
+    if dim > LARGE_HEAD_DIM:
+        return max(16, min(32, triton.next_power_of_2(num_global))), 32, 1
+    return max(16, min(64, triton.next_power_of_2(num_global))), 64, 3
 
 
 def split_count(long_len, num_global, batch_heads, block):
@@ -199,7 +269,7 @@ def band_grid(batch_heads, n, dilation, block_key):
 def _global_query_forward(q, k, v, out, lse, num_global, causal, qk_scale, block_d):
     batch, n, heads, dim = q.shape
     key_end = num_global if causal else n
-    block_m, block_n = global_blocks(num_global)
+    block_m, block_n, stages = global_blocks(num_global, dim)
     splits, per_split = split_count(key_end, num_global, batch * heads, block_n)
     part_out = q.new_empty((splits, batch, num_global, heads, dim), dtype=torch.float32)
     part_lse = q.new_empty((splits, batch, num_global, heads), dtype=torch.float32)
@@ -208,7 +278,7 @@ def _global_query_forward(q, k, v, out, lse, num_global, causal, qk_scale, block
         q, k, v, part_out, part_lse, q.stride(0), q.stride(1), q.stride(2), batch, heads, dim,
         num_global, key_end, per_split, splits, qk_scale, CAUSAL=causal,
         DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=4)
+        num_warps=4, num_stages=stages)
     lse_global = torch.logsumexp(part_lse, 0)
     weights = torch.exp(part_lse - lse_global).unsqueeze(-1)
     out[:, :num_global] = (weights * part_out).sum(0).to(out.dtype)

@@ -3,9 +3,9 @@
   p_ij = exp(s_ij - lse_i), ds_ij = p_ij (dO_i . v_j - delta_i), delta_i = dO_i . O_i - dlse_i
   dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i p_ij dO_i
 
-Band keys (token >= G): a program owns a key block of one residue class and walks the query
-blocks whose band covers it, plus the global queries. Band queries: a program owns a query block
-and walks its band and the global keys (dq). Global keys and global queries meet every query or
+Band queries (token >= G) run first: a program owns a query block of one residue class,
+computes the rows' delta, and walks its band and the global keys (dq). Band keys: a program owns
+a key block and walks the query blocks whose band covers it, plus the global queries (dk, dv). Global keys and global queries meet every query or
 key: they run split over chunks into fp32 partial buffers summed in a fixed order. Every output
 row has one writer: deterministic, no atomics.
 """
@@ -13,41 +13,34 @@ import torch
 import triton
 import triton.language as tl
 
-from .window_attn import (LOG2E, band_grid, band_program, dot_precision, effective_window,
-                          first_band_position, global_blocks, load_rows, prepare_inputs,
-                          split_count, tile_configs)
+from .window_attn import (LOG2E, LOG2E_K, band_autotune, band_bounds, band_grid,
+                          band_program, dot_precision, effective_window, first_band_position,
+                          global_blocks, interior_split, load_rows, prepare_inputs,
+                          split_count)
 
 
 @triton.jit
-def _delta_kernel(grad_out_ptr, out_ptr, grad_lse_ptr, delta_ptr, rows, D,
-                  HAS_GRAD_LSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    mask = (offs < rows)[:, None] & (cols < D)[None, :]
-    ptrs = offs.to(tl.int64)[:, None] * D + cols[None, :]
-    do = tl.load(grad_out_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(out_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(do * o, 1)
-    if HAS_GRAD_LSE:
-        delta -= tl.load(grad_lse_ptr + offs, mask=offs < rows, other=0.0)
-    tl.store(delta_ptr + offs, delta, mask=offs < rows)
-
-
-@triton.jit
-def dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, DOT_PRECISION: tl.constexpr):
-    """dq += ds @ k over one key tile; valid [M, N]."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    p = tl.exp2(tl.where(valid, s - lse2[:, None], float("-inf")))
+def dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, MASKED: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+    """dq += ds @ k over one key tile; valid [M, N] (ignored unless MASKED)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None]
+    if MASKED:
+        s = tl.where(valid, s, float("-inf"))
+    p = tl.exp2(s)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
 @triton.jit
-def dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, DOT_PRECISION: tl.constexpr):
-    """dk += ds^T @ q and dv += p^T @ dO over one query tile, computed transposed; valid_t [N, M]."""
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-    p_t = tl.exp2(tl.where(valid_t, s_t - lse2[None, :], float("-inf")))
+def dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, MASKED: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """dk += ds^T @ q and dv += p^T @ dO over one query tile, computed transposed; valid_t
+    [N, M] (ignored unless MASKED)."""
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse2[None, :]
+    if MASKED:
+        s_t = tl.where(valid_t, s_t, float("-inf"))
+    p_t = tl.exp2(s_t)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -59,17 +52,53 @@ def dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, DOT_PRECISION
 def load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows, row_ok):
     """lse (log2 domain) and delta of token rows `rows` of (b, h)."""
     idx = (b.to(tl.int64) * N + rows) * H + h
-    lse2 = tl.load(lse_ptr + idx, mask=row_ok, other=0.0) * LOG2E
+    lse2 = tl.load(lse_ptr + idx, mask=row_ok, other=0.0) * LOG2E_K
     return lse2, tl.load(delta_ptr + idx, mask=row_ok, other=0.0)
 
 
-@triton.autotune(configs=tile_configs([(128, 64), (64, 64)], [(4, 3), (8, 3)]),
-                 key=["window", "dilation", "D", "CAUSAL"])
 @triton.jit
-def _band_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                    stride_b, stride_n, stride_h, N, H, D, window, dilation, num_global,
-                    qk_scale, scale, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def dq_band_span(dq, q, do, lse2, delta, k_ptr, v_ptr, start, end, hi, r, dilation, stride_n,
+                 cols, D, key_lb, key_ub, qk_scale, MASKED: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq_tile over the band key tiles start, start + BLOCK_N, ... < end (keys < hi)."""
+    for tile in range(start, end, BLOCK_N):
+        offs_n = tile + tl.arange(0, BLOCK_N)
+        rows_n = r + offs_n * dilation
+        k = load_rows(k_ptr, rows_n, offs_n < hi, stride_n, cols, D)
+        v = load_rows(v_ptr, rows_n, offs_n < hi, stride_n, cols, D)
+        valid = (offs_n[None, :] >= key_lb[:, None]) & (offs_n[None, :] <= key_ub[:, None])
+        dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, MASKED, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def dkdv_band_span(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, N, H, start, end, hi,
+                   r, dilation, stride_n, cols, D, query_lb, query_ub, qk_scale,
+                   MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dkdv_tile over the band query tiles start, start + BLOCK_M, ... < end (queries < hi);
+    q_ptr is offset to (b, h), do_ptr to (b, h) of the contiguous [B, N, H, D] gradient."""
+    for tile in range(start, end, BLOCK_M):
+        offs_m = tile + tl.arange(0, BLOCK_M)
+        rows_m = r + offs_m * dilation
+        q_ok = offs_m < hi
+        q = load_rows(q_ptr, rows_m, q_ok, stride_n, cols, D)
+        do = load_rows(do_ptr, rows_m, q_ok, H * D, cols, D)
+        lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows_m, q_ok)
+        valid_t = (offs_m[None, :] >= query_lb[:, None]) & (offs_m[None, :] <= query_ub[:, None])
+        dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, MASKED,
+                           DOT_PRECISION)
+    return dk, dv
+
+
+@band_autotune([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)])
+@triton.jit
+def _band_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, grad_lse_ptr, lse_ptr, delta_ptr,
+                    dq_ptr, stride_b, stride_n, stride_h, N, H, D, window, dilation, num_global,
+                    qk_scale, scale, CAUSAL: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """dq of the band queries; also computes and stores their delta = dO . O - dlse, which the
+    dk/dv kernels read (this kernel runs first)."""
     p0, r, b, h, length = band_program(N, H, dilation, BLOCK_M)
     first_band = first_band_position(num_global, r, dilation)
     if (p0 < length) & (p0 + BLOCK_M > first_band):
@@ -81,32 +110,43 @@ def _band_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         row_ok = offs_m < length
         q = load_rows(q_ptr + base, rows_m, row_ok, stride_n, cols, D)
         do = load_rows(do_ptr + out_base, rows_m, row_ok, H * D, cols, D)
-        lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows_m, row_ok)
+        o = load_rows(out_ptr + out_base, rows_m, row_ok, H * D, cols, D)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        stat_rows = (b.to(tl.int64) * N + rows_m) * H + h
+        if HAS_GRAD_LSE:
+            delta -= tl.load(grad_lse_ptr + stat_rows, mask=row_ok, other=0.0)
+        store_ok = row_ok & (offs_m >= first_band)
+        tl.store(delta_ptr + stat_rows, delta, mask=store_ok)
+        lse2 = tl.load(lse_ptr + stat_rows, mask=row_ok, other=0.0) * LOG2E_K
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         lo = tl.maximum(p0 - window, first_band)
         hi = tl.minimum(p0 + BLOCK_M + (0 if CAUSAL else window), length)
-        for start in range(lo, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            rows_n = r + offs_n * dilation
-            k = load_rows(k_ptr + base, rows_n, offs_n < hi, stride_n, cols, D)
-            v = load_rows(v_ptr + base, rows_n, offs_n < hi, stride_n, cols, D)
-            diff = offs_n[None, :] - offs_m[:, None]
-            valid = (offs_n < hi)[None, :] & (diff <= (0 if CAUSAL else window)) & (diff >= -window)
-            dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, DOT_PRECISION)
+        key_lb, key_ub = band_bounds(offs_m, window, hi, CAUSAL)
+        mid_lo, mid_hi = interior_split(lo, hi, p0 + BLOCK_M - 1 - window,
+                                        p0 + 1 + (0 if CAUSAL else window), BLOCK_N)
+        k_base = k_ptr + base
+        v_base = v_ptr + base
+        dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, lo, mid_lo, hi, r, dilation,
+                          stride_n, cols, D, key_lb, key_ub, qk_scale, True, DOT_PRECISION,
+                          BLOCK_N)
+        dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, mid_lo, mid_hi, hi, r,
+                          dilation, stride_n, cols, D, key_lb, key_ub, qk_scale, False,
+                          DOT_PRECISION, BLOCK_N)
+        dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, mid_hi, hi, hi, r, dilation,
+                          stride_n, cols, D, key_lb, key_ub, qk_scale, True, DOT_PRECISION,
+                          BLOCK_N)
         for start in range(0, num_global, BLOCK_N):
             offs_j = start + tl.arange(0, BLOCK_N)
             k = load_rows(k_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
             v = load_rows(v_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
-            valid = (offs_j < num_global)[None, :] & row_ok[:, None]
-            dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, DOT_PRECISION)
-        store_ok = row_ok & (offs_m >= first_band)
+            valid = (offs_j < num_global)[None, :]
+            dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, True, DOT_PRECISION)
         tl.store(dq_ptr + out_base + rows_m.to(tl.int64)[:, None] * H * D + cols[None, :],
                  (dq * scale).to(dq_ptr.dtype.element_ty),
                  mask=store_ok[:, None] & (cols < D)[None, :])
 
 
-@triton.autotune(configs=tile_configs([(64, 128), (64, 64)], [(4, 3), (8, 3)]),
-                 key=["window", "dilation", "D", "CAUSAL"])
+@band_autotune([(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3), (32, 64, 4, 3)])
 @triton.jit
 def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                       stride_b, stride_n, stride_h, N, H, D, window, dilation, num_global,
@@ -128,16 +168,22 @@ def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
         # Band queries whose window holds these keys (global queries are met below).
         lo = tl.maximum(k0 - (0 if CAUSAL else window), first_band)
         hi = tl.minimum(k0 + BLOCK_N + window, length)
-        for start in range(lo, hi, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            rows_m = r + offs_m * dilation
-            q_ok = offs_m < hi
-            q = load_rows(q_ptr + base, rows_m, q_ok, stride_n, cols, D)
-            do = load_rows(do_ptr + out_base, rows_m, q_ok, H * D, cols, D)
-            lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows_m, q_ok)
-            diff = offs_n[:, None] - offs_m[None, :]
-            valid_t = q_ok[None, :] & (diff <= (0 if CAUSAL else window)) & (diff >= -window)
-            dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, DOT_PRECISION)
+        # Query i sees key j iff j - i in [-window, window] (or [-window, 0] if causal).
+        query_lb = offs_n - (0 if CAUSAL else window)
+        query_ub = tl.minimum(offs_n + window, hi - 1)
+        mid_lo, mid_hi = interior_split(lo, hi, k0 + BLOCK_N - 1 - (0 if CAUSAL else window),
+                                        k0 + 1 + window, BLOCK_M)
+        q_base = q_ptr + base
+        do_base = do_ptr + out_base
+        dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N, H,
+                                lo, mid_lo, hi, r, dilation, stride_n, cols, D, query_lb,
+                                query_ub, qk_scale, True, DOT_PRECISION, BLOCK_M)
+        dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N, H,
+                                mid_lo, mid_hi, hi, r, dilation, stride_n, cols, D, query_lb,
+                                query_ub, qk_scale, False, DOT_PRECISION, BLOCK_M)
+        dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N, H,
+                                mid_hi, hi, hi, r, dilation, stride_n, cols, D, query_lb,
+                                query_ub, qk_scale, True, DOT_PRECISION, BLOCK_M)
         if not CAUSAL:  # a causal global query i < G sees no key j >= G
             for start in range(0, num_global, BLOCK_M):
                 offs_m = start + tl.arange(0, BLOCK_M)
@@ -145,8 +191,8 @@ def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
                 q = load_rows(q_ptr + base, offs_m, q_ok, stride_n, cols, D)
                 do = load_rows(do_ptr + out_base, offs_m, q_ok, H * D, cols, D)
                 lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, offs_m, q_ok)
-                valid_t = q_ok[None, :] & key_ok[:, None]
-                dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale,
+                valid_t = q_ok[None, :]
+                dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, True,
                                    DOT_PRECISION)
         store_ok = (key_ok & (offs_n >= first_band))[:, None] & (cols < D)[None, :]
         ptrs = out_base + rows_n.to(tl.int64)[:, None] * H * D + cols[None, :]
@@ -187,10 +233,10 @@ def _global_query_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, par
         offs_n = start + tl.arange(0, BLOCK_N)
         k = load_rows(k_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
         v = load_rows(v_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
-        valid = (offs_n < hi)[None, :] & row_ok[:, None]
+        valid = (offs_n < hi)[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, DOT_PRECISION)
+        dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, True, DOT_PRECISION)
     rows = ((split.to(tl.int64) * B + b) * num_global + offs_m) * H + h
     tl.store(part_dq_ptr + rows[:, None] * D + cols[None, :], dq * scale,
              mask=row_ok[:, None] & (cols < D)[None, :])
@@ -223,36 +269,32 @@ def _global_key_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, par
         q = load_rows(q_ptr + base, offs_m, q_ok, stride_n, cols, D)
         do = load_rows(do_ptr + out_base, offs_m, q_ok, H * D, cols, D)
         lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, offs_m, q_ok)
-        valid_t = q_ok[None, :] & key_ok[:, None]
+        valid_t = q_ok[None, :]
         if CAUSAL:
             valid_t = valid_t & (offs_n[:, None] <= offs_m[None, :])
-        dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, DOT_PRECISION)
+        dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, True,
+                           DOT_PRECISION)
     rows = ((split.to(tl.int64) * B + b) * num_global + offs_n) * H + h
     mask = key_ok[:, None] & (cols < D)[None, :]
     tl.store(part_dk_ptr + rows[:, None] * D + cols[None, :], dk * scale, mask=mask)
     tl.store(part_dv_ptr + rows[:, None] * D + cols[None, :], dv, mask=mask)
 
 
-def _row_delta(grad_out, out, grad_lse):
-    """delta = rowsum(dO * O) - dlse, fp32 [B, N, H]."""
-    rows, dim = grad_out.numel() // grad_out.shape[-1], grad_out.shape[-1]
-    delta = grad_out.new_empty(grad_out.shape[:-1], dtype=torch.float32)
-    block_d = triton.next_power_of_2(dim)
-    block_r = 16 if block_d > 64 else 32
-    grad_lse_arg = delta if grad_lse is None else grad_lse.float().contiguous()
-    _delta_kernel[(triton.cdiv(rows, block_r),)](grad_out, out, grad_lse_arg, delta, rows, dim,
-                                                HAS_GRAD_LSE=grad_lse is not None,
-                                                BLOCK_R=block_r, BLOCK_D=block_d)
-    return delta
+def _global_row_delta(grad_out, out, grad_lse, delta, num_global):
+    """delta = dO . O - dlse of the global rows [0, G) (the band dq kernel does the others)."""
+    rows = (grad_out[:, :num_global].float() * out[:, :num_global].float()).sum(-1)
+    if grad_lse is not None:
+        rows -= grad_lse[:, :num_global]
+    delta[:, :num_global] = rows
 
 
 def _global_backward(q, k, v, grad_out, lse, delta, grads, num_global, causal, scale, block_d):
     """Writes rows [0, G) of dq (global queries) and of dk, dv (global keys)."""
     grad_q, grad_k, grad_v = grads
     batch, n, heads, dim = q.shape
-    block_m, block_n = global_blocks(num_global)
+    block_m, block_n, stages = global_blocks(num_global, dim)
     common = dict(CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d,
-                  num_warps=4)
+                  num_warps=4, num_stages=stages)
     strides = (q.stride(0), q.stride(1), q.stride(2))
     key_end = num_global if causal else n
     splits, per_split = split_count(key_end, num_global, batch * heads, block_n)
@@ -286,8 +328,12 @@ def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dil
         return grads
     q, k, v = prepare_inputs(q, k, v)
     grad_out = grad_out.to(q.dtype).contiguous()
+    out = out.to(q.dtype).contiguous()
     lse = lse.float().contiguous()
-    delta = _row_delta(grad_out, out.contiguous(), grad_lse)
+    grad_lse = None if grad_lse is None else grad_lse.float().contiguous()
+    delta = torch.empty_like(lse)
+    if num_global > 0:
+        _global_row_delta(grad_out, out, grad_lse, delta, num_global)
     window, dilation = effective_window(n, window, dilation)
     block_d = max(16, triton.next_power_of_2(dim))
     args = (q.stride(0), q.stride(1), q.stride(2), n, heads, dim, window, dilation, num_global,
@@ -295,7 +341,8 @@ def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dil
     options = dict(CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d)
     grad_q, grad_k, grad_v = grads
     _band_dq_kernel[band_grid(batch * heads, n, dilation, "BLOCK_M")](
-        q, k, v, grad_out, lse, delta, grad_q, *args, **options)
+        q, k, v, out, grad_out, delta if grad_lse is None else grad_lse, lse, delta, grad_q,
+        *args, HAS_GRAD_LSE=grad_lse is not None, **options)
     _band_dkdv_kernel[band_grid(batch * heads, n, dilation, "BLOCK_N")](
         q, k, v, grad_out, lse, delta, grad_k, grad_v, *args, **options)
     if num_global > 0:

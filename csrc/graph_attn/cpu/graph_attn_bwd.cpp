@@ -50,15 +50,15 @@ void destination_pass(const BackwardArgs<scalar_t>& a, const index_t* indices) {
           const scalar_t* attr = a.edge_attr ? a.edge_attr + (e * H + h) * D : nullptr;
           const acc_t* q_h = q_row.data() + h * D;
           const acc_t* dout_h = dout_row.data() + h * D;
-          load_row_plus(a.k + j * HD + h * D, attr, key.data(), D);
-          load_row_plus(a.v + j * HD + h * D, attr, value.data(), D);
-          acc_t s = a.scale * dot(q_h, key.data(), D);
+          const acc_t* key_j = row_as_acc(a.k + j * HD + h * D, attr, key.data(), D);
+          const acc_t* value_j = row_as_acc(a.v + j * HD + h * D, attr, value.data(), D);
+          acc_t s = a.scale * dot(q_h, key_j, D);
           if (a.edge_bias) s += static_cast<acc_t>(a.edge_bias[e * H + h]);
           const acc_t p = s == neg_inf ? acc_t(0) : std::exp(s - a.lse[i * H + h]);
-          const acc_t ds = p * (dot(dout_h, value.data(), D) - delta[h]);
+          const acc_t ds = p * (dot(dout_h, value_j, D) - delta[h]);
           a.prob[e * H + h] = p;
           a.dscore[e * H + h] = ds;
-          scale_add(dq_row.data() + h * D, acc_t(1), ds, key.data(), D);
+          scale_add(dq_row.data() + h * D, acc_t(1), ds, key_j, D);
           if (a.d_edge_bias) a.d_edge_bias[e * H + h] = static_cast<scalar_t>(ds);
           if (a.d_edge_attr) {
             for (int64_t d = 0; d < D; ++d) grad[d] = a.scale * ds * q_h[d] + p * dout_h[d];
@@ -86,10 +86,11 @@ void source_pass(const BackwardArgs<scalar_t>& a, const index_t* csc_indices,
         const int64_t e = static_cast<int64_t>(csc_edge_ids[c]);
         for (int64_t h = 0; h < H; ++h) {
           const acc_t ds = a.dscore[e * H + h], p = a.prob[e * H + h];
-          load_row(a.q + i * HD + h * D, row.data(), D);
-          scale_add(dk_row.data() + h * D, acc_t(1), ds, row.data(), D);
-          load_row(a.grad_out + i * HD + h * D, row.data(), D);
-          scale_add(dv_row.data() + h * D, acc_t(1), p, row.data(), D);
+          const scalar_t* none = nullptr;
+          scale_add(dk_row.data() + h * D, acc_t(1), ds,
+                    row_as_acc(a.q + i * HD + h * D, none, row.data(), D), D);
+          scale_add(dv_row.data() + h * D, acc_t(1), p,
+                    row_as_acc(a.grad_out + i * HD + h * D, none, row.data(), D), D);
         }
       }
       store_row(dk_row.data(), a.dk + j * HD, HD, a.scale);

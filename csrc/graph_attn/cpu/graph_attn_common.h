@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "common/checks.h"
 
@@ -41,6 +42,18 @@ inline void load_row_plus(const scalar_t* a, const scalar_t* b, acc_t* dst, int6
     return;
   }
   for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<acc_t>(a[t]) + static_cast<acc_t>(b[t]);
+}
+
+// row[0:n] (+ extra[0:n] unless null) as acc_t: the row itself when no conversion is needed,
+// else `buffer` filled with the converted values.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* row_as_acc(const scalar_t* row, const scalar_t* extra, acc_t* buffer,
+                               int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (extra == nullptr) return row;
+  }
+  load_row_plus(row, extra, buffer, n);
+  return buffer;
 }
 
 // Vectorised (reassociated) sums: the order differs from a sequential loop but is fixed,

@@ -32,8 +32,8 @@ void forward_rows(const int64_t* indptr, const index_t* indices, const scalar_t*
         const int64_t j = static_cast<int64_t>(indices[e]);
         for (int64_t h = 0; h < H; ++h) {
           const scalar_t* attr = edge_attr ? edge_attr + (e * H + h) * D : nullptr;
-          load_row_plus(k + j * HD + h * D, attr, key.data(), D);
-          acc_t s = scale * dot(q_row.data() + h * D, key.data(), D);
+          const acc_t* key_j = row_as_acc(k + j * HD + h * D, attr, key.data(), D);
+          acc_t s = scale * dot(q_row.data() + h * D, key_j, D);
           if (edge_bias) s += static_cast<acc_t>(edge_bias[e * H + h]);
           acc_t alpha = 1;  // rescales what was accumulated when the running max grows
           if (s > m[h]) {
@@ -42,8 +42,8 @@ void forward_rows(const int64_t* indptr, const index_t* indices, const scalar_t*
           }
           const acc_t p = s == neg_inf ? acc_t(0) : std::exp(s - m[h]);  // bias may be -inf
           l[h] = l[h] * alpha + p;
-          load_row_plus(v + j * HD + h * D, attr, value.data(), D);
-          scale_add(acc.data() + h * D, alpha, p, value.data(), D);
+          const acc_t* value_j = row_as_acc(v + j * HD + h * D, attr, value.data(), D);
+          scale_add(acc.data() + h * D, alpha, p, value_j, D);
         }
       }
       for (int64_t h = 0; h < H; ++h) {

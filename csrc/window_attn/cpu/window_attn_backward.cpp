@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "window_attn/cpu/row_ops.h"
 #include "window_attn/cpu/window_sets.h"
 
 namespace gtk {
@@ -29,25 +30,14 @@ struct BackwardArgs {
   acc_t scale;
 };
 
-template <typename acc_t, typename scalar_t>
-acc_t dot_row(const acc_t* a, const scalar_t* b, int64_t dim) {
-  acc_t sum = 0;
-  for (int64_t c = 0; c < dim; ++c) sum += a[c] * static_cast<acc_t>(b[c]);
-  return sum;
-}
-
-template <typename acc_t, typename scalar_t>
-void load_row(acc_t* dst, const scalar_t* src, int64_t dim) {
-  for (int64_t c = 0; c < dim; ++c) dst[c] = static_cast<acc_t>(src[c]);
-}
-
 // Pass 1: delta_i and dq_i for every (b, i, h).
 template <typename scalar_t>
 void query_pass(const BackwardArgs<scalar_t>& a, const WindowSpec& spec) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = spec.n, heads = a.heads, dim = a.dim;
   const int64_t work_per_row = (spec.num_global + 2 * spec.window + 1) * dim;
-  at::parallel_for(0, a.batch * n * heads, cpu_grain(work_per_row), [&](int64_t begin, int64_t end) {
+  const int64_t grain = cpu_grain(work_per_row);
+  at::parallel_for(0, a.batch * n * heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q_row(dim), do_row(dim), dq(dim);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t h = row % heads;
@@ -62,12 +52,14 @@ void query_pass(const BackwardArgs<scalar_t>& a, const WindowSpec& spec) {
       std::fill(dq.begin(), dq.end(), acc_t(0));
       for_each_key(spec, i, [&](int64_t j) {
         const int64_t key_row = key_base + j * heads;
-        const acc_t p = std::exp(dot_row(q_row.data(), a.k + key_row * dim, dim) * a.scale - lse);
-        const acc_t ds = p * (dot_row(do_row.data(), a.v + key_row * dim, dim) - delta);
         const scalar_t* k_row = a.k + key_row * dim;
-        for (int64_t c = 0; c < dim; ++c) dq[c] += ds * static_cast<acc_t>(k_row[c]);
+        const acc_t p = std::exp(dot_row(q_row.data(), k_row, dim) * a.scale - lse);
+        const acc_t ds = p * (dot_row(do_row.data(), a.v + key_row * dim, dim) - delta);
+        axpy_row(dq.data(), ds, k_row, dim);
       });
-      for (int64_t c = 0; c < dim; ++c) a.grad_q[row * dim + c] = static_cast<scalar_t>(dq[c] * a.scale);
+      for (int64_t c = 0; c < dim; ++c) {
+        a.grad_q[row * dim + c] = static_cast<scalar_t>(dq[c] * a.scale);
+      }
     }
   });
 }
@@ -78,7 +70,8 @@ void key_pass(const BackwardArgs<scalar_t>& a, const WindowSpec& spec) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = spec.n, heads = a.heads, dim = a.dim;
   const int64_t work_per_row = (spec.num_global + 2 * spec.window + 1) * dim;
-  at::parallel_for(0, a.batch * n * heads, cpu_grain(work_per_row), [&](int64_t begin, int64_t end) {
+  const int64_t grain = cpu_grain(work_per_row);
+  at::parallel_for(0, a.batch * n * heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> k_row(dim), v_row(dim), dk(dim), dv(dim);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t h = row % heads;
@@ -94,10 +87,8 @@ void key_pass(const BackwardArgs<scalar_t>& a, const WindowSpec& spec) {
         const scalar_t* do_row = a.grad_out + query_row * dim;
         const acc_t p = std::exp(dot_row(k_row.data(), q_row, dim) * a.scale - a.lse[query_row]);
         const acc_t ds = p * (dot_row(v_row.data(), do_row, dim) - a.delta[query_row]);
-        for (int64_t c = 0; c < dim; ++c) {
-          dv[c] += p * static_cast<acc_t>(do_row[c]);
-          dk[c] += ds * static_cast<acc_t>(q_row[c]);
-        }
+        axpy_row(dv.data(), p, do_row, dim);
+        axpy_row(dk.data(), ds, q_row, dim);
       });
       for (int64_t c = 0; c < dim; ++c) {
         a.grad_k[row * dim + c] = static_cast<scalar_t>(dk[c] * a.scale);
@@ -105,6 +96,30 @@ void key_pass(const BackwardArgs<scalar_t>& a, const WindowSpec& spec) {
       }
     }
   });
+}
+
+template <typename scalar_t>
+void backward_passes(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse_in,
+                     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& out, const at::Tensor& lse_in, at::Tensor& grad_q,
+                     at::Tensor& grad_k, at::Tensor& grad_v, const WindowSpec& spec,
+                     double scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor lse = lse_in.to(acc_dtype).contiguous();
+  at::Tensor grad_lse;
+  if (grad_lse_in.has_value()) grad_lse = grad_lse_in->to(acc_dtype).contiguous();
+  at::Tensor delta = at::empty(lse.sizes(), lse.options());
+  BackwardArgs<scalar_t> args{grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
+                              k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                              out.data_ptr<scalar_t>(),
+                              grad_lse.defined() ? grad_lse.data_ptr<acc_t>() : nullptr,
+                              lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+                              grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
+                              grad_v.data_ptr<scalar_t>(), q.size(0), q.size(2), q.size(3),
+                              static_cast<acc_t>(scale)};
+  query_pass(args, spec);  // delta and dq first: the key pass reads delta
+  key_pass(args, spec);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
@@ -119,28 +134,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
   TORCH_CHECK(window >= 0 && dilation >= 1, "window must be >= 0 and dilation >= 1");
   TORCH_CHECK(num_global >= 0 && num_global <= q_in.size(1), "num_global must be in [0, N]");
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor out = out_in.contiguous(), grad_out = grad_out_in.to(q.scalar_type()).contiguous();
-  const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2), dim = q.size(3);
+  const at::Tensor out = out_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.to(q.scalar_type()).contiguous();
+  const int64_t n = q.size(1);
   at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(q), grad_v = at::empty_like(q);
   if (q.numel() == 0) return {grad_q, grad_k, grad_v};
   const WindowSpec spec{n, std::min(window, n), dilation, num_global, causal};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "window_attention_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor lse = lse_in.to(acc_dtype).contiguous();
-    at::Tensor grad_lse;
-    if (grad_lse_in.has_value()) grad_lse = grad_lse_in->to(acc_dtype).contiguous();
-    at::Tensor delta = at::empty({batch, n, heads}, q.options().dtype(acc_dtype));
-    BackwardArgs<scalar_t> args{grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
-                                k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                out.data_ptr<scalar_t>(),
-                                grad_lse.defined() ? grad_lse.data_ptr<acc_t>() : nullptr,
-                                lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
-                                grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
-                                grad_v.data_ptr<scalar_t>(), batch, heads, dim,
-                                static_cast<acc_t>(scale)};
-    query_pass(args, spec);
-    key_pass(args, spec);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "window_attention_backward_cpu", [&] {
+    backward_passes<scalar_t>(grad_out, grad_lse_in, q, k, v, out, lse_in, grad_q, grad_k,
+                              grad_v, spec, scale);
   });
   return {grad_q, grad_k, grad_v};
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "window_attn/cpu/row_ops.h"
 #include "window_attn/cpu/window_sets.h"
 
 namespace gtk {
@@ -29,14 +30,12 @@ void window_attention_rows(const scalar_t* q, const scalar_t* k, const scalar_t*
       const int64_t i = (row / heads) % n;
       const int64_t b = row / (heads * n);
       const int64_t key_base = b * n * heads + h;  // row index of key 0 of this (b, h)
-      for (int64_t c = 0; c < dim; ++c) q_row[c] = static_cast<acc_t>(q[row * dim + c]);
+      load_row(q_row.data(), q + row * dim, dim);
       scores.clear();
       acc_t max_score = -std::numeric_limits<acc_t>::infinity();
       for_each_key(spec, i, [&](int64_t j) {
-        const scalar_t* k_row = k + (key_base + j * heads) * dim;
-        acc_t dot = 0;
-        for (int64_t c = 0; c < dim; ++c) dot += q_row[c] * static_cast<acc_t>(k_row[c]);
-        const acc_t s = dot * static_cast<acc_t>(scale);
+        const acc_t s = dot_row(q_row.data(), k + (key_base + j * heads) * dim, dim) *
+                        static_cast<acc_t>(scale);
         scores.push_back(s);
         max_score = std::max(max_score, s);
       });
@@ -46,11 +45,12 @@ void window_attention_rows(const scalar_t* q, const scalar_t* k, const scalar_t*
       for_each_key(spec, i, [&](int64_t j) {
         const acc_t p = std::exp(scores[idx++] - max_score);
         denom += p;
-        const scalar_t* v_row = v + (key_base + j * heads) * dim;
-        for (int64_t c = 0; c < dim; ++c) acc[c] += p * static_cast<acc_t>(v_row[c]);
+        axpy_row(acc.data(), p, v + (key_base + j * heads) * dim, dim);
       });
       // Every query holds at least itself (t = 0), so denom >= 1.
-      for (int64_t c = 0; c < dim; ++c) out[row * dim + c] = static_cast<scalar_t>(acc[c] / denom);
+      for (int64_t c = 0; c < dim; ++c) {
+        out[row * dim + c] = static_cast<scalar_t>(acc[c] / denom);
+      }
       lse[row] = max_score + std::log(denom);
     }
   });
@@ -74,12 +74,13 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& q_in,
   at::Tensor lse = at::empty({batch, n, heads}, q.options().dtype(lse_dtype));
   if (out.numel() == 0) return {out, lse};
   const WindowSpec spec{n, std::min(window, n), dilation, num_global, causal};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "window_attention_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    window_attention_rows<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                    v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                    lse.data_ptr<acc_t>(), batch, heads, dim, spec, scale);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "window_attention_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        window_attention_rows<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                        v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                        lse.data_ptr<acc_t>(), batch, heads, dim, spec, scale);
+      });
   return {out, lse};
 }
 
