@@ -77,7 +77,8 @@ def simulate(u0, edge_index, weights, horizon):
 
 
 def random_initial_states(count, coords, shape, generator):
-    """Sums of 4 Gaussian bumps of random sign, centre and width: [count, N]."""
+    """Sums of 4 Gaussian bumps of random sign, centre and width, scaled to max |u| = 1:
+    [count, N]."""
     size = torch.tensor(shape, dtype=torch.float32)
     centres = torch.rand(count, 4, len(shape), generator=generator) * size
     widths = 1.5 + torch.rand(count, 4, 1, generator=generator) * size.min() / 6
@@ -85,7 +86,8 @@ def random_initial_states(count, coords, shape, generator):
     u = []
     for c, w, a in zip(centres, widths, amps):  # one state at a time: N can be 10M
         dist2 = ((coords[:, None].float() - c.to(coords.device)) ** 2 / w.to(coords.device) ** 2).sum(-1)
-        u.append((a.to(coords.device) * torch.exp(-0.5 * dist2)).sum(1))
+        bumps = (a.to(coords.device) * torch.exp(-0.5 * dist2)).sum(1)
+        u.append(bumps / bumps.abs().max())
     return torch.stack(u)
 
 
@@ -250,9 +252,10 @@ def save_plot(pred, truth, shape, path, horizon):
 
     panels = [("truth", image(truth)), ("prediction", image(pred)),
               ("prediction - truth", image(pred) - image(truth))]
+    limit = float(panels[0][1].abs().max())  # one colour scale for all three panels
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
     for ax, (title, img) in zip(axes, panels):
-        shown = ax.imshow(img.numpy(), cmap="RdBu_r")
+        shown = ax.imshow(img.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
         ax.set_title(f"{title}, rollout step {horizon}")
         fig.colorbar(shown, ax=ax, fraction=0.046)
     fig.tight_layout()
