@@ -85,7 +85,8 @@ def random_initial_states(count, coords, shape, generator):
     amps = torch.randn(count, 4, generator=generator)
     u = []
     for c, w, a in zip(centres, widths, amps):  # one state at a time: N can be 10M
-        dist2 = ((coords[:, None].float() - c.to(coords.device)) ** 2 / w.to(coords.device) ** 2).sum(-1)
+        c, w = c.to(coords.device), w.to(coords.device)
+        dist2 = ((coords[:, None].float() - c) ** 2 / w ** 2).sum(-1)
         bumps = (a.to(coords.device) * torch.exp(-0.5 * dist2)).sum(1)
         u.append(bumps / bumps.abs().max())
     return torch.stack(u)
@@ -134,7 +135,8 @@ def use_segment_softmax(model, graph):
 
 def batched(edge_index, n, batch):
     """Edges of `batch` disjoint copies of an n-node graph."""
-    offsets = torch.arange(batch, device=edge_index.device).repeat_interleave(edge_index.shape[1]) * n
+    copies = torch.arange(batch, device=edge_index.device)
+    offsets = copies.repeat_interleave(edge_index.shape[1]) * n
     return edge_index.repeat(1, batch) + offsets
 
 
@@ -215,7 +217,8 @@ def main():
                   f"{time.perf_counter() - start:6.1f} s", flush=True)
     with torch.no_grad():
         final = loss_on(*fixed).item()
-    ms = 1000 * sorted(step_times[len(step_times) // 5:])[len(step_times[len(step_times) // 5:]) // 2]
+    warm = sorted(step_times[len(step_times) // 5:])  # the first fifth is warm-up
+    ms = 1000 * warm[len(warm) // 2]
     print(f"loss on the fixed batch: {initial:.4f} -> {final:.4f} ({initial / final:.1f}x lower)")
     print(f"training step (forward + backward + optimizer): median {ms:.2f} ms"
           + (f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if amp else ""))
@@ -237,7 +240,8 @@ def rollout(model, truth, static, edge_index, n, delta_std, amp, device, png, sh
         u = u + delta * delta_std
         errors.append(((u - truth[t]).norm() / truth[t].norm()).item())
     marks = sorted({1, max(1, horizon // 2), horizon})
-    print("rollout relative L2 error: " + ", ".join(f"step {t}: {errors[t - 1]:.4f}" for t in marks))
+    print("rollout relative L2 error: "
+          + ", ".join(f"step {t}: {errors[t - 1]:.4f}" for t in marks))
     save_plot(u, truth[horizon], shape, png, horizon)
 
 

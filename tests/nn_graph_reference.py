@@ -39,7 +39,8 @@ def dense_attention(q, k, v, mask, edge_dense=None):
     scores = channel_scores.sum(-1).masked_fill(~mask[..., None], float("-inf"))  # [N, N, H]
     has_keys = mask.any(1)[:, None, None]
     prob = torch.softmax(torch.where(has_keys, scores, 0.0), dim=1) * has_keys
-    return torch.einsum("ijh,ijhd->ihd", prob, values.expand(q.shape[0], -1, -1, -1)), channel_scores
+    out = torch.einsum("ijh,ijhd->ihd", prob, values.expand(q.shape[0], -1, -1, -1))
+    return out, channel_scores
 
 
 def dense_graph_attention(layer, x, edge_index, edge_attr=None, extra_mask=None):
@@ -52,7 +53,8 @@ def dense_graph_attention(layer, x, edge_index, edge_attr=None, extra_mask=None)
     edge_dense = None
     if edge_attr is not None:
         edge_dense = x.new_zeros(n, n, h, d)
-        edge_dense[edge_index[1], edge_index[0]] = F.linear(edge_attr, layer.edge_proj.weight).view(-1, h, d)
+        edge_feat = F.linear(edge_attr, layer.edge_proj.weight).view(-1, h, d)
+        edge_dense[edge_index[1], edge_index[0]] = edge_feat
     out, channel_scores = dense_attention(q, k, v, mask, edge_dense)
     out = F.linear(out.reshape(n, -1), layer.out_proj.weight, layer.out_proj.bias)
     return out, channel_scores[edge_index[1], edge_index[0]].reshape(edge_index.shape[1], -1)
@@ -80,7 +82,8 @@ def dense_transformer_layer(layer, x, edge_index, edge_attr=None):
         e_in = _norm(layer.edge_norm_attn, edge_attr)
     attn, scores = dense_graph_attention(layer.attn, x_in, edge_index, e_in)
     x = sublayer(x, attn, layer.norm_attn)
-    x = sublayer(x, _ffn(layer.ffn, _norm(layer.norm_ffn, x) if layer.pre_norm else x), layer.norm_ffn)
+    ffn_in = _norm(layer.norm_ffn, x) if layer.pre_norm else x
+    x = sublayer(x, _ffn(layer.ffn, ffn_in), layer.norm_ffn)
     if edge_attr is None:
         return x
     e_update = F.linear(scores, layer.edge_out.weight, layer.edge_out.bias)

@@ -19,7 +19,8 @@ def close(a, b, tol=1e-10):
 def make_inputs(edge_dim=None, dtype=torch.float64, isolated=2):
     edge_index = coalesced_edge_index(N, 40, isolated=isolated)
     x = torch.randn(N, DIM, dtype=dtype)
-    edge_attr = None if edge_dim is None else torch.randn(edge_index.shape[1], edge_dim, dtype=dtype)
+    edge_attr = None if edge_dim is None else \
+        torch.randn(edge_index.shape[1], edge_dim, dtype=dtype)
     return x, edge_index, edge_attr
 
 
@@ -29,7 +30,8 @@ def test_graph_attention_matches_dense(edge_dim, graph_kind):
     x, edge_index, edge_attr = make_inputs(edge_dim)
     layer = gk.nn.GraphAttention(DIM, HEADS, edge_dim=edge_dim).double()
     graph = {"graph": gk.Graph.from_edge_index(edge_index, N), "edge_index": edge_index,
-             "pyg_data": SimpleNamespace(edge_index=edge_index, num_nodes=N, edge_attr=edge_attr)}[graph_kind]
+             "pyg_data": SimpleNamespace(edge_index=edge_index, num_nodes=N,
+                                         edge_attr=edge_attr)}[graph_kind]
     out, scores = layer(x, graph, None if graph_kind == "pyg_data" else edge_attr,
                         return_edge_scores=True)
     ref_out, ref_scores = dense_graph_attention(layer, x, edge_index, edge_attr)
@@ -170,7 +172,8 @@ def test_laplacian_pe_are_eigenvectors(dense_max_nodes):
                                     dense_max_nodes=dense_max_nodes, tol=1e-9)
     laplacian = torch.eye(n, dtype=torch.float64) - dense_normalized_adjacency(edge_index, n)[1]
     pe, values = pe.double(), values.double()
-    assert pe.shape == (n, k) and bool((values > 1e-6).all()) and bool((values.diff() >= -1e-6).all())
+    assert pe.shape == (n, k)
+    assert bool((values > 1e-6).all()) and bool((values.diff() >= -1e-6).all())
     close(laplacian @ pe, pe * values, 2e-4)
     close(values, torch.linalg.eigvalsh(laplacian)[1:k + 1], 1e-4)
 

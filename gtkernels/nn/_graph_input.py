@@ -31,7 +31,8 @@ class GraphInputCache:
             return (self._from_edge_index(graph.edge_index, num_nodes, device),
                     getattr(graph, "edge_attr", None))
         raise TypeError("graph must be a gtkernels.Graph, an edge_index tensor [2, E] or an "
-                        f"object with .edge_index and .num_nodes (PyG Data), got {type(graph).__name__}")
+                        "object with .edge_index and .num_nodes (PyG Data), got "
+                        f"{type(graph).__name__}")
 
     def _from_edge_index(self, edge_index, num_nodes, device):
         key = (edge_index, edge_index._version, num_nodes, torch.device(device))

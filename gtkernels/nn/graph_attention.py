@@ -107,5 +107,6 @@ class GraphAttention(nn.Module):
             raise ValueError(f"edge_attr [E, {self.edge_proj.in_features}] is required "
                              "(the layer was built with edge_dim)")
         V.check_tensor("edge_attr", edge_attr, dtypes=V.FLOAT_DTYPES, dim=2)
-        V.check_shape("edge_attr", edge_attr, (num_edges, self.edge_proj.in_features), "E, edge_dim")
+        V.check_shape("edge_attr", edge_attr, (num_edges, self.edge_proj.in_features),
+                      "E, edge_dim")
         return self.edge_proj(edge_attr).view(num_edges, self.heads, self.head_dim)

@@ -53,7 +53,8 @@ class GraphTransformerLayer(nn.Module):
         super().__init__()
         V.check_choice("norm", norm, ("layer", "batch"))
         V.check_int_range("ffn_mult", ffn_mult, 1, 2**16)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         self.pre_norm = pre_norm
         self.attn = GraphAttention(dim, heads, edge_dim=edge_dim, window=window,

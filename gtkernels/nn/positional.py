@@ -4,6 +4,8 @@ random-walk structural encoding (RWSE), computed on the graph's device.
 Both treat the graph as undirected and simple: edges are symmetrised, duplicates merged and
 self-loops dropped. They are precomputations (host syncs allowed), done once per graph.
 """
+import warnings
+
 import torch
 
 from .. import _validate as V
@@ -100,7 +102,9 @@ def random_walk_se(graph, k, *, num_nodes=None):
             continue
         columns.append(_row_dots(high, high))
         if t < k:
-            low, high = high, torch.sparse.mm(high, step).coalesce()
+            with warnings.catch_warnings():  # sparse.mm goes through the "beta" CSR path
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support")
+                low, high = high, torch.sparse.mm(high, step).coalesce()
     return torch.stack(columns, 1).float()
 
 
@@ -127,7 +131,8 @@ def _normalized_adjacency(src, dst, n, dtype):
     """Coalesced sparse ``D^-1/2 A D^-1/2`` of the symmetric simple edge list."""
     degree = torch.bincount(src, minlength=n).to(dtype)
     values = (degree[src] * degree[dst]).rsqrt()
-    return torch.sparse_coo_tensor(torch.stack([src, dst]), values, (n, n), check_invariants=False).coalesce()
+    return torch.sparse_coo_tensor(torch.stack([src, dst]), values, (n, n),
+                                   check_invariants=False).coalesce()
 
 
 def _normalized_laplacian(src, dst, n, dtype):
