@@ -31,7 +31,7 @@ import gtkernels as gk  # noqa: E402
 from gtkernels.reference.graph_attn import segment_softmax_attention  # noqa: E402
 
 SIZES = {
-    "small": dict(shape=(24, 24), layers=3, dim=32, heads=4, batch=8, steps=1000, lr=3e-3,
+    "small": dict(shape=(24, 24), layers=3, dim=32, heads=4, batch=8, steps=600, lr=3e-3,
                   trajectories=12, horizon=30),
     "mesh300k": dict(shape=(67, 67, 67), layers=4, dim=128, heads=4, batch=1, steps=300,
                      lr=1e-3, trajectories=3, horizon=20),
