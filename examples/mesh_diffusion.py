@@ -13,6 +13,10 @@ directions apart) and a random-walk structural encoding (which marks the boundar
     python examples/mesh_diffusion.py                                  # CPU, 24 x 24 mesh
     python examples/mesh_diffusion.py --device cuda --size mesh300k    # 67^3 mesh, bf16
     python examples/mesh_diffusion.py --device cuda --size mesh300k --baseline segment-softmax
+    python examples/mesh_diffusion.py --edge-features   # edge offsets + edge stream instead
+
+With ``--edge-features`` the inputs are translation invariant: edge offsets enter attention
+(added to k and v) and an edge stream, and the coordinate features are dropped.
 
 Prints the loss on a fixed batch before and after training, the rollout error, the time per
 training step, and saves a PNG of prediction vs truth.
@@ -105,18 +109,36 @@ def node_features(coords, shape, graph):
 class MeshTransformer(nn.Module):
     """Encode (MLP) - process (pre-norm graph transformer layers) - decode (norm + linear)."""
 
-    def __init__(self, in_dim, dim, heads, layers):
+    def __init__(self, in_dim, dim, heads, layers, edge_in=None, edge_dim=16):
         super().__init__()
-        self.encode = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
-        self.process = nn.ModuleList(gk.nn.GraphTransformerLayer(dim, heads, pre_norm=True)
-                                     for _ in range(layers))
+        self.encode = _mlp(in_dim, dim)
+        self.encode_edges = None if edge_in is None else _mlp(edge_in, edge_dim)
+        self.process = nn.ModuleList(
+            gk.nn.GraphTransformerLayer(dim, heads, pre_norm=True,
+                                        edge_dim=None if edge_in is None else edge_dim)
+            for _ in range(layers))
         self.decode = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
 
-    def forward(self, x, graph):
+    def forward(self, x, graph, edge_attr=None):
         h = self.encode(x)
-        for layer in self.process:
-            h = layer(h, graph)
+        if self.encode_edges is None:
+            for layer in self.process:
+                h = layer(h, graph)
+        else:
+            e = self.encode_edges(edge_attr)
+            for layer in self.process:
+                h, e = layer(h, graph, e)
         return self.decode(h).squeeze(-1)
+
+
+def _mlp(in_dim, out_dim):
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.ReLU(), nn.Linear(out_dim, out_dim))
+
+
+def edge_features(edge_index, coords):
+    """[E, ndim + 1]: the offset x_j - x_i of each edge j -> i and a self-loop flag."""
+    src, dst = edge_index
+    return torch.cat([(coords[src] - coords[dst]).float(), (src == dst).float()[:, None]], 1)
 
 
 def use_segment_softmax(model, graph):
@@ -148,6 +170,9 @@ def main():
     parser.add_argument("--baseline", choices=["segment-softmax"], help="swap the attention")
     parser.add_argument("--png", default="mesh_diffusion.png")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--edge-features", action="store_true",
+                        help="edge offsets through the attention and an edge stream, instead of "
+                             "coordinate features")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (the small size gains nothing from more, and "
                              "OpenMP threads contend badly on a busy machine)")
@@ -175,7 +200,12 @@ def main():
     print(f"mesh {'x'.join(map(str, shape))}: {n:,} nodes, {edge_index.shape[1]:,} edges; "
           f"batch {batch}; data ready in {time.perf_counter() - start:.1f} s", flush=True)
 
-    model = MeshTransformer(static.shape[1] + 1, cfg["dim"], cfg["heads"], cfg["layers"]).to(device)
+    edges = edge_features(edge_index, coords) if args.edge_features else None
+    if args.edge_features:  # translation invariant: offsets on edges replace coordinates
+        static = static[:, -RWSE_STEPS:]
+    model = MeshTransformer(static.shape[1] + 1, cfg["dim"], cfg["heads"], cfg["layers"],
+                            None if edges is None else edges.shape[1]).to(device)
+    edges_batch = None if edges is None else edges.repeat(batch, 1)
     if args.baseline:
         use_segment_softmax(model, graph)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=1e-4)
@@ -193,7 +223,7 @@ def main():
 
     def loss_on(u, target):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            pred = model(torch.cat([u[:, None], static_batch], 1), graph)
+            pred = model(torch.cat([u[:, None], static_batch], 1), graph, edges_batch)
         return (pred.float() - target).square().mean()
 
     fixed = batch_of(torch.randint(0, 1 << 30, (batch,), generator=gen))
@@ -222,12 +252,13 @@ def main():
     print(f"loss on the fixed batch: {initial:.4f} -> {final:.4f} ({initial / final:.1f}x lower)")
     print(f"training step (forward + backward + optimizer): median {ms:.2f} ms"
           + (f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if amp else ""))
-    rollout(model, held_out, static, edge_index, n, delta_std, amp, device, args.png, shape)
+    rollout(model, held_out, static, edges, edge_index, n, delta_std, amp, device, args.png,
+            shape)
     print(f"total {time.perf_counter() - start:.1f} s")
 
 
 @torch.no_grad()
-def rollout(model, truth, static, edge_index, n, delta_std, amp, device, png, shape):
+def rollout(model, truth, static, edges, edge_index, n, delta_std, amp, device, png, shape):
     """Rolls the model out from the held-out trajectory's first state; prints the relative L2
     error along the way and plots the last state."""
     graph = gk.Graph.from_edge_index(edge_index, n)
@@ -236,7 +267,7 @@ def rollout(model, truth, static, edge_index, n, delta_std, amp, device, png, sh
     errors = []
     for t in range(1, horizon + 1):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            delta = model(torch.cat([u[:, None], static], 1), graph).float()
+            delta = model(torch.cat([u[:, None], static], 1), graph, edges).float()
         u = u + delta * delta_std
         errors.append(((u - truth[t]).norm() / truth[t].norm()).item())
     marks = sorted({1, max(1, horizon // 2), horizon})
