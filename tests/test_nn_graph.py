@@ -1,4 +1,5 @@
 """gtkernels.nn graph layers and positional encodings against dense pure-torch forwards."""
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +9,7 @@ import gtkernels as gk
 from tests.nn_graph_reference import (coalesced_edge_index, dense_attention,
                                       dense_graph_attention, dense_transformer_layer,
                                       window_global_mask)
+from tests.utils import DEVICE_PARAMS, assert_within_tolerance
 
 N, DIM, HEADS, EDGE_DIM = 13, 12, 3, 4
 
@@ -72,6 +74,19 @@ def test_transformer_layer_matches_dense(norm, edge_dim, pre_norm):
     ref_grads = torch.autograd.grad(sum((w * r).sum() for w, r in zip(weights, refs)), params)
     for grad, ref_grad in zip(grads, ref_grads):
         close(grad, ref_grad, 1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_float32_layer_on_device_within_tolerance_of_float64(device):
+    x, edge_index, edge_attr = make_inputs(EDGE_DIM)
+    layer = gk.nn.GraphTransformerLayer(DIM, HEADS, norm="batch", edge_dim=EDGE_DIM).double()
+    ref64 = dense_transformer_layer(layer, x, edge_index, edge_attr)
+    layer32 = copy.deepcopy(layer).float()
+    ref32 = dense_transformer_layer(layer32, x.float(), edge_index, edge_attr.float())
+    g = gk.Graph.from_edge_index(edge_index.to(device), N)
+    out = layer32.to(device)(x.float().to(device), g, edge_attr.float().to(device))
+    for name, o, r64, r32 in zip(("x", "e"), out, ref64, ref32):
+        assert_within_tolerance(o.cpu(), r64, r32, floor=1e-5, name=name)
 
 
 def test_window_and_global_nodes_raise_until_union_exists():
@@ -183,6 +198,20 @@ def test_laplacian_pe_pads_small_graphs_and_sign_flip_keeps_columns():
     assert pe.shape == (3, 5) and bool((pe[:, 2:] == 0).all()) and bool((pe[:, :2] != 0).any())
     flipped = gk.nn.random_sign_flip(pe)
     assert torch.equal(flipped.abs(), pe.abs())
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_encodings_on_device(device):
+    edge_index = grid_edges(6, 7).to(device)
+    pe, values = gk.nn.laplacian_pe(edge_index, 3, return_eigenvalues=True, dense_max_nodes=0)
+    assert pe.device.type == device
+    laplacian = torch.eye(42, dtype=torch.float64) - \
+        dense_normalized_adjacency(edge_index.cpu(), 42)[1]
+    pe, values = pe.cpu().double(), values.cpu().double()
+    close(laplacian @ pe, pe * values, 2e-3)
+    se = gk.nn.random_walk_se(edge_index, 5)
+    assert se.device.type == device
+    close(se.cpu(), gk.nn.random_walk_se(edge_index.cpu(), 5), 1e-5)
 
 
 def test_random_walk_se_equals_dense_matrix_powers():
