@@ -1,5 +1,5 @@
 """What a graph layer accepts as its graph: a `Graph`, an ``edge_index`` tensor or a PyG
-``Data``/``Batch`` (duck-typed), turned into a `Graph` on the features' device."""
+``Data``/``Batch`` (duck-typed), turned into a `Graph` (an edge_index on the features' device)."""
 import torch
 
 from ..graph import Graph
@@ -21,7 +21,7 @@ class GraphInputCache:
     def resolve(self, graph, num_nodes, device):
         """Returns ``(Graph on device, edge_attr carried by a PyG object or None)``."""
         if isinstance(graph, Graph):
-            return graph.to(device), None
+            return graph, None  # on another device: graph_attention says so (no hidden copies)
         if isinstance(graph, torch.Tensor):
             return self._from_edge_index(graph, num_nodes, device), None
         if hasattr(graph, "edge_index") and hasattr(graph, "num_nodes"):

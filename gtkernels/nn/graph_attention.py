@@ -84,6 +84,8 @@ class GraphAttention(nn.Module):
             out = self.attention_fn(q, k, v, g, edge_attr=edge_feat, window=self.window,
                                     dilation=self.dilation, global_nodes=global_nodes)
         except NotImplementedError as exc:
+            if not self.window and global_nodes is None:
+                raise
             raise NotImplementedError(
                 f"GraphAttention(window={self.window}, global_nodes given: "
                 f"{global_nodes is not None}) needs the adjacency + window/global union of "
