@@ -141,14 +141,17 @@ def edge_features(edge_index, coords):
     return torch.cat([(coords[src] - coords[dst]).float(), (src == dst).float()[:, None]], 1)
 
 
-def use_segment_softmax(model, graph):
-    """Swaps every layer's fused attention for the pure-torch segment softmax (PyG's core)."""
-    edge_index = graph.edge_index()
+def use_segment_softmax(model):
+    """Swaps every layer's fused attention for the pure-torch segment softmax (PyG's core),
+    which reads an edge_index: the one of each Graph seen is kept, as a PyG user holds it."""
+    edge_indices = {}
 
     def attention(q, k, v, g, *, edge_attr=None, window=0, dilation=1, global_nodes=None):
         if window or global_nodes is not None:
             raise NotImplementedError("the segment-softmax baseline has no window or globals")
-        return segment_softmax_attention(q, k, v, edge_index, edge_attr=edge_attr)
+        if id(g) not in edge_indices:
+            edge_indices[id(g)] = (g, g.edge_index())  # g held: its id stays unique
+        return segment_softmax_attention(q, k, v, edge_indices[id(g)][1], edge_attr=edge_attr)
 
     for module in model.modules():
         if isinstance(module, gk.nn.GraphAttention):
@@ -207,7 +210,7 @@ def main():
                             None if edges is None else edges.shape[1]).to(device)
     edges_batch = None if edges is None else edges.repeat(batch, 1)
     if args.baseline:
-        use_segment_softmax(model, graph)
+        use_segment_softmax(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg["lr"], total_steps=steps,
                                                    pct_start=0.1)

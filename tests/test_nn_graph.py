@@ -249,10 +249,12 @@ def test_bad_inputs_name_the_argument():
         gk.nn.random_walk_se(edge_index, 0)
 
 
-def test_mesh_diffusion_example_runs(tmp_path):
+@pytest.mark.parametrize("baseline", [[], ["--baseline", "segment-softmax"]])
+def test_mesh_diffusion_example_runs(tmp_path, baseline):
     script = Path(__file__).resolve().parents[1] / "examples" / "mesh_diffusion.py"
     png = tmp_path / "mesh.png"
     result = subprocess.run([sys.executable, str(script), "--steps", "6", "--edge-features",
-                             "--png", str(png)], capture_output=True, text=True, timeout=300)
+                             "--png", str(png)] + baseline, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
     assert "rollout relative L2 error" in result.stdout and png.stat().st_size > 0
