@@ -13,6 +13,7 @@ directions apart) and a random-walk structural encoding (which marks the boundar
     python examples/mesh_diffusion.py                                  # CPU, 24 x 24 mesh
     python examples/mesh_diffusion.py --device cuda --size mesh300k    # 67^3 mesh, bf16
     python examples/mesh_diffusion.py --device cuda --size mesh300k --baseline segment-softmax
+    python examples/mesh_diffusion.py --device cuda --size mesh10m    # 216^3, layers recomputed
     python examples/mesh_diffusion.py --edge-features   # edge offsets + edge stream instead
 
 With ``--edge-features`` the inputs are translation invariant: edge offsets enter attention
@@ -29,6 +30,7 @@ import time
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import gtkernels as gk  # noqa: E402
@@ -40,7 +42,7 @@ SIZES = {
     "mesh300k": dict(shape=(67, 67, 67), layers=4, dim=128, heads=4, batch=1, steps=300,
                      lr=1e-3, trajectories=3, horizon=20),
     "mesh10m": dict(shape=(216, 216, 216), layers=4, dim=128, heads=4, batch=1, steps=20,
-                    lr=1e-3, trajectories=2, horizon=4),
+                    lr=1e-3, trajectories=2, horizon=4, checkpoint=True),
 }
 KAPPA, VELOCITY = 0.1, (0.3, 0.15, 0.1)
 RWSE_STEPS = 3
@@ -109,8 +111,9 @@ def node_features(coords, shape, graph):
 class MeshTransformer(nn.Module):
     """Encode (MLP) - process (pre-norm graph transformer layers) - decode (norm + linear)."""
 
-    def __init__(self, in_dim, dim, heads, layers, edge_in=None, edge_dim=16):
+    def __init__(self, in_dim, dim, heads, layers, edge_in=None, edge_dim=16, checkpoint=False):
         super().__init__()
+        self.checkpoint = checkpoint  # recompute each layer in the backward (mesh10m memory)
         self.encode = _mlp(in_dim, dim)
         self.encode_edges = None if edge_in is None else _mlp(edge_in, edge_dim)
         self.process = nn.ModuleList(
@@ -121,13 +124,13 @@ class MeshTransformer(nn.Module):
 
     def forward(self, x, graph, edge_attr=None):
         h = self.encode(x)
-        if self.encode_edges is None:
-            for layer in self.process:
-                h = layer(h, graph)
-        else:
-            e = self.encode_edges(edge_attr)
-            for layer in self.process:
-                h, e = layer(h, graph, e)
+        e = None if self.encode_edges is None else self.encode_edges(edge_attr)
+        for layer in self.process:
+            if self.checkpoint and torch.is_grad_enabled():
+                out = checkpoint(layer, h, graph, e, use_reentrant=False)
+            else:
+                out = layer(h, graph, e)
+            h, e = out if e is not None else (out, None)
         return self.decode(h).squeeze(-1)
 
 
@@ -207,7 +210,8 @@ def main():
     if args.edge_features:  # translation invariant: offsets on edges replace coordinates
         static = static[:, -RWSE_STEPS:]
     model = MeshTransformer(static.shape[1] + 1, cfg["dim"], cfg["heads"], cfg["layers"],
-                            None if edges is None else edges.shape[1]).to(device)
+                            None if edges is None else edges.shape[1],
+                            checkpoint=cfg.get("checkpoint", False)).to(device)
     edges_batch = None if edges is None else edges.repeat(batch, 1)
     if args.baseline:
         use_segment_softmax(model)
