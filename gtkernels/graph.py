@@ -138,6 +138,35 @@ class Graph:
         return Graph.from_edge_index(torch.cat([self.edge_index(), loops], dim=1), self.num_nodes)
 
 
+    def khop(self, k):
+        """A new Graph of the k-hop adjacency (edge j -> i wherever a path of 1 to k edges
+        leads from j to i), coalesced. Per-edge tensors do not carry over."""
+        from .graph_order import khop
+
+        return Graph.from_edge_index(khop(self.edge_index(), k, self.num_nodes), self.num_nodes)
+
+    def reorder(self, method="rcm", pos=None):
+        """Renumbers the nodes in a locality-preserving order; returns ``(graph, perm)``.
+
+        method "rcm": reverse Cuthill-McKee on the graph; "morton": Z-order of the node
+        coordinates ``pos`` (float ``[N, 2 or 3]``). ``perm[p]`` is the old id of new node p:
+        reorder node tensors with ``x[perm]``. The new graph keeps this graph's edge order
+        (per-edge tensors carry over unchanged)."""
+        from .graph_order import morton_order, rcm_order
+
+        V.check_choice("method", method, ("rcm", "morton"))
+        if method == "morton":
+            if pos is None:
+                raise ValueError('method="morton" needs pos, the node coordinates [N, 2 or 3]')
+            V.check_shape("pos", pos, (self.num_nodes, pos.shape[-1]), "N, 2 or 3")
+            perm = morton_order(pos)
+        else:
+            perm = rcm_order(self.indptr, self.indices, self.num_nodes)
+        new_id = torch.empty_like(perm)
+        new_id[perm] = torch.arange(self.num_nodes, device=perm.device)
+        return Graph.from_edge_index(new_id[self.edge_index()], self.num_nodes), perm
+
+
 def _indptr_from_counts(counts):
     indptr = counts.new_zeros(counts.numel() + 1)
     torch.cumsum(counts, 0, out=indptr[1:])

@@ -109,3 +109,51 @@ def test_to_moves_every_tensor(device):
 def test_bad_graphs(build, match):
     with pytest.raises((ValueError, TypeError), match=match):
         build()
+
+
+def _grid_edges(n):
+    """Edges of an n x n x n grid, 6-neighbourhood, both directions."""
+    idx = torch.arange(n**3).view(n, n, n)
+    pairs = [torch.stack([idx.narrow(d, 0, n - 1).flatten(), idx.narrow(d, 1, n - 1).flatten()])
+             for d in range(3)]
+    e = torch.cat(pairs, dim=1)
+    return torch.cat([e, e.flip(0)], dim=1)
+
+
+@pytest.mark.parametrize("method", ["rcm", "morton"])
+def test_reorder_is_a_relabelling_that_restores_locality(method):
+    n = 8
+    edge_index = _grid_edges(n)
+    shuffle = torch.randperm(n**3)
+    old_of_new = torch.empty_like(shuffle)
+    old_of_new[shuffle] = torch.arange(n**3)
+    shuffled = gk.Graph.from_edge_index(shuffle[edge_index], n**3)
+    pos = torch.stack(torch.meshgrid(*[torch.arange(n)] * 3, indexing="ij"), -1).view(-1, 3)
+    g, perm = shuffled.reorder(method, pos=pos[old_of_new].float())
+    assert torch.equal(perm.sort().values, torch.arange(n**3))
+    e = g.edge_index()
+    assert g.num_edges == shuffled.num_edges
+    # the same graph, relabelled: edge (a, b) of g is edge (perm[a], perm[b]) of `shuffled`
+    assert torch.equal(perm[e], shuffled.edge_index())
+    mean_span = lambda ei: (ei[0] - ei[1]).abs().float().mean().item()  # noqa: E731
+    assert mean_span(e) < n * n < mean_span(shuffled.edge_index())
+
+
+def test_reorder_bad_method():
+    g = gk.Graph.from_edge_index(torch.tensor([[0], [1]]))
+    with pytest.raises(ValueError, match="method must be one of"):
+        g.reorder("spectral")
+    with pytest.raises(ValueError, match="needs pos"):
+        g.reorder("morton")
+
+
+def test_khop_matches_dense_powers():
+    edge_index = torch.randint(0, 12, (2, 20))
+    g = gk.Graph.from_edge_index(edge_index, 12)
+    a = torch.zeros(12, 12, dtype=torch.long)
+    a[edge_index[1], edge_index[0]] = 1  # a[i, j]: edge j -> i
+    reach = (a + a @ a).clamp(max=1)
+    e = g.khop(2).edge_index()
+    dense = torch.zeros_like(a)
+    dense[e[1], e[0]] = 1
+    assert torch.equal(dense, reach)
