@@ -19,7 +19,7 @@ def main(argv=None):
     parser.add_argument("--impl", nargs="*", help="only these implementations")
     parser.add_argument("--out", default="bench_results", help="folder for JSON and PNGs")
     parser.add_argument("--merge", action="store_true",
-                        help="keep the other families' rows of an existing results.json")
+                        help="keep the rows of an existing results.json that this run does not measure")
     args = parser.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -32,21 +32,21 @@ def main(argv=None):
     from bench.core.runner import run_all
 
     registry = load_families()
-    rows = run_all(registry, device, quick, args.family, args.problem, args.impl)
     env = report.environment(device, quick)
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "results.json")
-    if args.merge:
-        rows = report.merge_rows(json_path, rows)
-    report.add_ratios(rows)
+    earlier = report.merge_rows(json_path, []) if args.merge else []
+
+    def save(rows):  # after every case, so that a run cut short keeps what it measured
+        report.write_json(report.add_ratios(report.merge_rows_into(earlier, rows)), env,
+                          json_path)
+
+    rows = run_all(registry, device, quick, args.family, args.problem, args.impl, on_row=save)
+    rows = report.add_ratios(report.merge_rows_into(earlier, rows))
     report.write_json(rows, env, json_path)
     pngs = report.plot_families(rows, env, args.out)
     print()
-    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | "
-          f"commit {env['commit']} | {'quick' if quick else 'full'} sizes")
-    print(report.table(rows))
-    print("\nspeedups of gtkernels (other impl's time / ours):")
-    print(report.ratio_lines(rows))
+    print(report.summary(rows, env))
     print(f"\nwrote {os.path.join(args.out, 'results.json')}" + "".join(f", {p}" for p in pngs))
     ours_failed = [r for r in rows if r["ours"] and r["error"] and
                    not r["error"].startswith("unsupported")]

@@ -4,8 +4,9 @@
 #
 #   bash scripts/h200.sh OUT_DIR [STEP ...]
 #   STEP: build test bench wheel sanitize (default: build test bench)
-#   BENCH_FAMILIES="codebook hashing" and BENCH_ARGS="--problem mesh300k" narrow the bench,
-#   BENCH_TIMEOUT=120 caps each family's process (seconds); PYTEST_ARGS adds pytest options.
+#   BENCH_FAMILIES="codebook hashing" and BENCH_PROBLEMS="mesh300k vq-lc-bf16" narrow the
+#   bench, BENCH_TIMEOUT=120 caps each problem's process (seconds), BENCH_ARGS adds options;
+#   PYTEST_ARGS adds pytest options.
 #
 # OUT_DIR receives log.txt (everything), and bench/results.json + one PNG per family.
 set -uo pipefail
@@ -32,12 +33,20 @@ for s in $STEPS; do
       step gpu tests
       GTK_INSTAFAIL=1 run python3 -m pytest -q -m gpu tests ${PYTEST_ARGS:-} ;;
     bench)
-      # One process per family: a failing peer that breaks the CUDA context (a device-side
-      # assert) costs only its own family's rows.
-      for fam in ${BENCH_FAMILIES:-$(python3 -c "import bench.core.registry as r; print(' '.join(sorted({p.family for p in r.load_families().problems.values()})))")}; do
-        step "bench $fam"
-        run timeout "${BENCH_TIMEOUT:-0}" python3 -m bench --merge --family "$fam" --out "$OUT/bench" ${BENCH_ARGS:-}
-      done ;;
+      # One process per problem: a failing peer that breaks the CUDA context (a device-side
+      # assert) costs only that problem's later rows. results.json accumulates across them.
+      cases=$(python3 -c "
+import bench.core.registry as r
+fams, probs = '${BENCH_FAMILIES:-}'.split(), '${BENCH_PROBLEMS:-}'.split()
+for p in r.load_families().problems.values():
+    if (not fams or p.family in fams) and (not probs or p.name in probs):
+        print(p.family + ':' + p.name)")
+      for case in $cases; do
+        step "bench $case"
+        run timeout "${BENCH_TIMEOUT:-0}" python3 -m bench --merge --family "${case%%:*}" \
+          --problem "${case#*:}" --out "$OUT/bench" ${BENCH_ARGS:-}
+      done
+      python3 -m bench.report_only "$OUT/bench" 2>&1 | tee -a "$LOG" ;;
     wheel)
       step wheel
       rm -rf /tmp/gtk-wheel /tmp/gtk-venv

@@ -81,7 +81,7 @@ def load_families():
 
     import bench
 
-    skip = {"core", "peers", "__main__", "conftest"}
+    skip = {"core", "peers", "__main__", "conftest", "report_only"}
     for mod in pkgutil.iter_modules(bench.__path__):
         if mod.name in skip or mod.name.startswith(("test_", "_")):
             continue

@@ -62,6 +62,14 @@ def ratio_lines(rows):
     return "\n".join(lines)
 
 
+def summary(rows, env):
+    """The header line, the table and the per-peer speedups, as printed after a run."""
+    return (f"{env['device']} | torch {env['torch']} | triton {env['triton']} | "
+            f"commit {env['commit']} | {'quick' if env['quick'] else 'full'} sizes\n"
+            f"{table(rows)}\n\nspeedups of gtkernels (other impl's time / ours):\n"
+            f"{ratio_lines(rows)}")
+
+
 def environment(device, quick):
     commit = os.environ.get("GTK_COMMIT")  # set by whoever copies a tree without .git
     if commit is None:
@@ -90,13 +98,17 @@ def write_json(rows, env, path):
 
 
 def merge_rows(path, rows):
-    """Rows of an earlier results.json whose family this run did not measure, then `rows`."""
+    """Rows of an earlier results.json that `rows` does not re-measure, then `rows`."""
     if not os.path.exists(path):
         return rows
     with open(path) as f:
-        old = json.load(f)["results"]
-    families = {r["family"] for r in rows}
-    return [r for r in old if r["family"] not in families] + rows
+        return merge_rows_into(json.load(f)["results"], rows)
+
+
+def merge_rows_into(old, rows):
+    """`old` rows whose (family, problem, impl) is not in `rows`, then `rows`."""
+    keys = {(r["family"], r["problem"], r["impl"]) for r in rows}
+    return [r for r in old if (r["family"], r["problem"], r["impl"]) not in keys] + rows
 
 
 def plot_families(rows, env, out_dir):

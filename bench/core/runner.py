@@ -63,8 +63,9 @@ def run_case(problem, impl, inputs, state, device, timing):
 
 
 def run_all(registry, device, quick, families=None, problems=None, impls=None, timing=None,
-            log=print):
-    """Runs every selected case; returns the list of result rows."""
+            log=print, on_row=None):
+    """Runs every selected case; returns the list of result rows. `on_row(rows)` is called
+    after each case (e.g. to save partial results of a run that may be cut short)."""
     timing = timing or {}
     cases = [(p, [i for i in im if not impls or i.name in impls])
              for p, im in registry.cases(families, problems)]
@@ -87,7 +88,10 @@ def run_all(registry, device, quick, families=None, problems=None, impls=None, t
             row = run_case(problem, impl, inputs, state, device, timing)
             rows.append(row)
             log(" " + (row["error"] or f"fwd {row['fwd_ms']:.3f} ms"
-                       + (f", fwd+bwd {row['fwd_bwd_ms']:.3f} ms" if row["fwd_bwd_ms"] else "")))
+                       + (f", fwd+bwd {row['fwd_bwd_ms']:.3f} ms" if row["fwd_bwd_ms"] else "")
+                       + (f"; {row['check']}" if row["check"] else "")))
+            if on_row is not None:
+                on_row(rows)
         del inputs, state
         _release(device)
     return rows
