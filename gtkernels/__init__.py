@@ -8,6 +8,7 @@ from ._loader import load_extension
 _C = load_extension()
 
 from . import triton as _triton_kernels  # noqa: E402,F401  (registers Triton CUDA kernels)
+from .codebook import code_distill_loss, codebook_search  # noqa: E402
 from .gather_sum import weighted_gather_sum  # noqa: E402
 from .graph import Graph  # noqa: E402
 from .graph_attn import graph_attention  # noqa: E402
@@ -22,5 +23,5 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["build_info", "Graph", "graph_attention", "hashed_lookup", "sign_hash",
-           "weighted_gather_sum", "window_attention", "__version__"]
+__all__ = ["build_info", "code_distill_loss", "codebook_search", "Graph", "graph_attention",
+           "hashed_lookup", "sign_hash", "weighted_gather_sum", "window_attention", "__version__"]

@@ -1,0 +1,317 @@
+"""codebook_search and code_distill_loss: exactness against float64, near-ties, gradients,
+registration (opcheck, compile), bad inputs. Triton kernels run through the interpreter."""
+import pytest
+import torch
+
+import gtkernels as gk
+from gtkernels.reference import codebook as ref
+from gtkernels.triton import HAS_TRITON, interpreting
+from utils import DEVICE_PARAMS, FLOAT_DTYPES, assert_within_tolerance
+
+METRICS = ["l2", "ip", "cosine"]
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON or not (interpreting() or torch.cuda.is_available()),
+    reason="needs triton with a GPU or TRITON_INTERPRET=1")
+
+
+def triton_device():
+    return "cpu" if interpreting() else "cuda"
+
+
+def assert_search_exact(x, codebook, k, metric, dist, idx):
+    """idx equals the float64 ranking; dist is the float64 distance rounded to float32."""
+    ref_dist, ref_idx = ref.codebook_search(x.cpu(), codebook.cpu(), k, metric)
+    mismatches = int((idx.cpu() != ref_idx).sum())
+    assert mismatches == 0, f"{mismatches} of {idx.numel()} indices differ from float64"
+    assert dist.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    scale = ref_dist.abs().clamp_min(1e-3)
+    assert ((dist.cpu().double() - ref_dist).abs() / scale).max() < 1e-6
+
+
+def near_tie_codebook(n, num_codes, dim, dtype, device):
+    """Rows and codes built to tie: duplicated codes, codes one ulp apart, and rows exactly
+    between two codes (x +- e, e a power of two, so both distances are exact and equal)."""
+    base = torch.randn(num_codes // 4, dim, device=device).to(dtype)
+    one_ulp = torch.nextafter(base.float(), torch.full_like(base.float(), 1e9)).to(dtype)
+    codebook = torch.cat([base, base, one_ulp, torch.randn_like(base)])
+    codebook = torch.cat([codebook, torch.randn(num_codes - len(codebook), dim, device=device).to(dtype)])
+    rows = torch.randint(0, num_codes, (n,), device=device)
+    x = codebook[rows].clone()
+    half = n // 2
+    step = torch.zeros(dim, device=device, dtype=dtype)
+    step[0] = 0.5
+    codebook[-2] = x[0] + step
+    codebook[-1] = x[0] - step
+    x[half:] = (x[half:].float() + 0.01 * torch.randn_like(x[half:].float())).to(dtype)
+    return x, codebook
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("n,num_codes,dim,k", [(67, 301, 13, 1), (50, 130, 64, 5), (9, 7, 4, 7)])
+def test_search_exact_random(device, dtype, metric, n, num_codes, dim, k):
+    x = torch.randn(n, dim, device=device, dtype=dtype)
+    codebook = torch.randn(num_codes, dim, device=device, dtype=dtype)
+    dist, idx = gk.codebook_search(x, codebook, k, metric=metric)
+    assert dist.shape == idx.shape == (n, k) and idx.dtype == torch.int64
+    assert_search_exact(x, codebook, k, metric, dist, idx)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("metric", METRICS)
+def test_search_exact_near_ties(device, dtype, metric):
+    x, codebook = near_tie_codebook(80, 400, 24, dtype, device)
+    dist, idx = gk.codebook_search(x, codebook, 4, metric=metric)
+    assert_search_exact(x, codebook, 4, metric, dist, idx)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_search_grouped_and_norms(device, metric):
+    x = torch.randn(33, 3, 10, device=device)
+    codebook = torch.randn(3, 200, 10, device=device)
+    norms = codebook.pow(2).sum(-1)
+    dist, idx = gk.codebook_search(x, codebook, 3, metric=metric, codebook_norms=norms)
+    assert idx.shape == (33, 3, 3)
+    assert_search_exact(x, codebook, 3, metric, dist, idx)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_search_non_contiguous_and_empty(device):
+    x = torch.randn(16, 40, device=device).t()[:, ::2]          # [40, 8], strided
+    codebook = torch.randn(8, 150, device=device).t()           # [150, 8], column-major
+    dist, idx = gk.codebook_search(x, codebook, 2)
+    assert_search_exact(x, codebook, 2, "l2", dist, idx)
+    dist, idx = gk.codebook_search(torch.randn(0, 8, device=device), codebook, 2)
+    assert dist.shape == idx.shape == (0, 2)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_search_gradcheck(metric, grouped):
+    shape_x, shape_c = ((6, 2, 5), (2, 9, 5)) if grouped else ((6, 5), (9, 5))
+    x = torch.randn(shape_x, dtype=torch.float64, requires_grad=True)
+    codebook = torch.randn(shape_c, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: gk.codebook_search(a, b, 3, metric=metric)[0], (x, codebook))
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_search_backward_deterministic_and_matches_autograd(device):
+    x = torch.randn(300, 16, device=device, requires_grad=True)
+    codebook = torch.randn(20, 16, device=device, requires_grad=True)  # many rows share a code
+    grads = []
+    for _ in range(2):
+        dist, idx = gk.codebook_search(x, codebook, 2)
+        grads.append(torch.autograd.grad(dist.square().sum(), (x, codebook)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    xd, cd = x.detach().double().requires_grad_(), codebook.detach().double().requires_grad_()
+    d_ref = (xd[:, None, :] - cd[idx.cpu() if device == "cpu" else idx]).pow(2).sum(-1)
+    expected = torch.autograd.grad(d_ref.square().sum(), (xd, cd))
+    for got, want in zip(grads[0], expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_search_opcheck(device):
+    x = torch.randn(12, 2, 8, device=device)
+    codebook = torch.randn(2, 40, 8, device=device)
+    torch.library.opcheck(torch.ops.gtkernels.codebook_search.default,
+                          (x, codebook, 3, "l2", None))
+    dist, idx = gk.codebook_search(x, codebook, 3)
+    torch.library.opcheck(torch.ops.gtkernels.codebook_search_backward.default,
+                          (torch.randn_like(dist), x, codebook, idx, "cosine"))
+
+
+def test_search_compiles_without_graph_break():
+    def f(x, codebook):
+        dist, idx = gk.codebook_search(x * 2.0, codebook, 2, metric="ip")
+        return dist.sum() + idx.sum()
+
+    x, codebook = torch.randn(20, 8), torch.randn(30, 8)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, codebook), f(x, codebook))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda: gk.codebook_search(torch.randn(4, 8), torch.randn(5, 8), 0), r"k must be in \[1, 5\]"),
+    (lambda: gk.codebook_search(torch.randn(4, 8), torch.randn(100, 8), 65), r"k must be in \[1, 64\]"),
+    (lambda: gk.codebook_search(torch.randn(4, 8), torch.randn(5, 6)), r"codebook must be \[K, D\]"),
+    (lambda: gk.codebook_search(torch.randn(4, 2, 8), torch.randn(3, 5, 8)), r"codebook must be \[G, K, D\]"),
+    (lambda: gk.codebook_search(torch.randn(4, 2, 8), torch.randn(5, 8)), "codebook must have 3 dims"),
+    (lambda: gk.codebook_search(torch.randn(4, 8), torch.randn(5, 8), metric="dot"), "metric must be one of"),
+    (lambda: gk.codebook_search(torch.randn(4, 8), torch.randn(5, 8), codebook_norms=torch.randn(4)),
+     r"codebook_norms must be \[K\]"),
+    (lambda: gk.codebook_search(torch.randn(4, 8), torch.randn(5, 8).half()), "dtype"),
+    (lambda: gk.codebook_search(torch.randn(4, 8), torch.randn(5, 8, device="meta")), "device"),
+    (lambda: gk.codebook_search(torch.randn(4, 2), torch.randn(5, 2)), r"D \(last dim of x\) must be in"),
+    (lambda: gk.codebook_search(torch.arange(8).view(2, 4), torch.randn(5, 4)), "x must have dtype"),
+    (lambda: gk.code_distill_loss(torch.randn(4, 8), torch.randn(3, 8), torch.randn(5, 8)), r"teacher must be \[N, D\]"),
+    (lambda: gk.code_distill_loss(torch.randn(4, 8), torch.randn(4, 8), torch.randn(5, 8), temperature=0.0), "temperature"),
+    (lambda: gk.code_distill_loss(torch.randn(4, 8), torch.randn(4, 8), torch.randn(5, 7)), r"codebook must be \[K, D\]"),
+])
+def test_bad_inputs(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        bad()
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_distill_matches_reference(device, metric, temperature):
+    s, t = torch.randn(45, 12, device=device), torch.randn(45, 12, device=device)
+    codebook = torch.randn(70, 12, device=device)
+    loss = gk.code_distill_loss(s, t, codebook, temperature=temperature, metric=metric)
+    expected = ref.code_distill_loss(s.double(), t.double(), codebook.double(), temperature, metric)
+    torch_fp32 = ref.code_distill_loss(s, t, codebook, temperature, metric)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_within_tolerance(loss.reshape(1), expected.reshape(1), torch_fp32.reshape(1), floor=1e-5)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_distill_gradcheck(metric):
+    inputs = [torch.randn(n, 5, dtype=torch.float64, requires_grad=True) for n in (6, 6, 9)]
+    assert torch.autograd.gradcheck(
+        lambda s, t, c: gk.code_distill_loss(s, t, c, temperature=0.7, metric=metric), inputs)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_distill_gradients_match_reference(device):
+    inputs = [torch.randn(n, 16, device=device, requires_grad=True) for n in (40, 40, 33)]
+    grads = torch.autograd.grad(gk.code_distill_loss(*inputs, temperature=0.5), inputs)
+    again = torch.autograd.grad(gk.code_distill_loss(*inputs, temperature=0.5), inputs)
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    expected = torch.autograd.grad(ref.code_distill_loss(*ref_inputs, 0.5), ref_inputs)
+    fp32 = torch.autograd.grad(ref.code_distill_loss(*inputs, 0.5), inputs)
+    for name, got, want, same in zip(("student", "teacher", "codebook"), grads, expected, fp32):
+        assert_within_tolerance(got, want, same, floor=1e-5, name=name)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_distill_opcheck_and_empty(device):
+    s, t, c = (torch.randn(n, 8, device=device) for n in (10, 10, 20))
+    torch.library.opcheck(torch.ops.gtkernels.code_distill_loss.default, (s, t, c, 0.5, "l2"))
+    kl, stats = torch.ops.gtkernels.code_distill_loss(s, t, c, 0.5, "l2")
+    torch.library.opcheck(torch.ops.gtkernels.code_distill_loss_backward.default,
+                          (torch.randn_like(kl), s, t, c, stats, 0.5, "l2"))
+    empty = torch.randn(0, 8, device=device, requires_grad=True)
+    loss = gk.code_distill_loss(empty, empty, c)
+    assert loss.item() == 0.0
+
+
+def test_distill_compiles_without_graph_break():
+    def f(s, t, c):
+        return gk.code_distill_loss(s * 1.5, t, c, temperature=2.0, metric="cosine")
+
+    s, t, c = torch.randn(8, 6), torch.randn(8, 6), torch.randn(12, 6)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(s, t, c), f(s, t, c))
+
+
+# --- Triton kernels, called directly (CPU tensors through the interpreter without a GPU) ---
+
+@needs_triton
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("metric,k,near_ties", [("l2", 1, False), ("ip", 3, True),
+                                                ("cosine", 2, False), ("l2", 5, True)])
+def test_triton_search(dtype, metric, k, near_ties):
+    from gtkernels.triton.codebook import codebook_search
+
+    device = triton_device()
+    if near_ties:
+        x, codebook = near_tie_codebook(48, 300, 12, dtype, device)
+    else:
+        x = torch.randn(48, 12, device=device, dtype=dtype)
+        codebook = torch.randn(300, 12, device=device, dtype=dtype)
+    dist, idx = codebook_search(x[:, None], codebook[None], k, metric)
+    assert_search_exact(x, codebook, k, metric, dist[:, 0], idx[:, 0])
+
+
+@needs_triton
+def test_triton_search_grouped_strided():
+    from gtkernels.triton.codebook import codebook_search
+
+    device = triton_device()
+    x = torch.randn(2, 20, 37, device=device).transpose(0, 1)   # [20, 2, 37], strided
+    codebook = torch.randn(2, 140, 37, device=device)            # D over one tile: D chunks
+    dist, idx = codebook_search(x, codebook, 2, "l2")
+    assert_search_exact(x, codebook, 2, "l2", dist, idx)
+
+
+@needs_triton
+@pytest.mark.parametrize("metric", METRICS)
+def test_triton_search_backward(metric):
+    from gtkernels.triton.codebook_backward import codebook_search_backward
+
+    device = triton_device()
+    x, codebook = torch.randn(30, 2, 8, device=device), torch.randn(2, 10, 8, device=device)
+    idx = torch.randint(0, 10, (30, 2, 3), device=device)
+    grad = torch.randn(30, 2, 3, device=device)
+    got = codebook_search_backward(grad, x, codebook, idx, metric)
+    want = torch.ops.gtkernels.codebook_search_backward(grad.cpu().double(), x.cpu().double(),
+                                                        codebook.cpu().double(), idx.cpu(), metric)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu().double(), w, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_triton_distill(metric):
+    from gtkernels.triton import code_distill
+
+    device = triton_device()
+    s, t, c = (torch.randn(n, 12, device=device) for n in (37, 37, 50))
+    kl, stats = code_distill.code_distill_loss(s, t, c, 0.7, metric)
+    kl64, stats64 = torch.ops.gtkernels.code_distill_loss(s.cpu().double(), t.cpu().double(),
+                                                          c.cpu().double(), 0.7, metric)
+    torch.testing.assert_close(kl.cpu().double(), kl64, rtol=1e-4, atol=1e-4)
+    grad = torch.randn(37, device=device)
+    got = code_distill.code_distill_loss_backward(grad, s, t, c, stats, 0.7, metric)
+    want = torch.ops.gtkernels.code_distill_loss_backward(
+        grad.cpu().double(), s.cpu().double(), t.cpu().double(), c.cpu().double(), stats64, 0.7,
+        metric)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-4)
+
+
+# --- GPU: larger sizes against float64 -----------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("n,num_codes,dim,k", [(4099, 20001, 8, 1), (2048, 5000, 256, 4),
+                                               (1000, 3000, 1000, 64)])
+def test_cuda_search_exact(dtype, metric, n, num_codes, dim, k):
+    x = torch.randn(n, dim, device="cuda", dtype=dtype)
+    codebook = torch.randn(num_codes, dim, device="cuda", dtype=dtype)
+    dist, idx = gk.codebook_search(x, codebook, k, metric=metric)
+    ref_dist, ref_idx = ref.codebook_search(x, codebook, k, metric)
+    assert int((idx != ref_idx).sum()) == 0
+    torch.testing.assert_close(dist.double(), ref_dist, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cuda_search_near_ties_grouped(dtype):
+    x, codebook = near_tie_codebook(3000, 4000, 32, dtype, "cuda")
+    x2 = torch.stack([x, x.flip(0)], 1)
+    cb2 = torch.stack([codebook, codebook.flip(0)])
+    dist, idx = gk.codebook_search(x2, cb2, 8)
+    assert_search_exact(x2, cb2, 8, "l2", dist, idx)
+
+
+@pytest.mark.gpu
+def test_cuda_distill_matches_cpu():
+    s, t, c = (torch.randn(n, 64, device="cuda") for n in (3000, 3000, 2000))
+    inputs = [v.requires_grad_() for v in (s, t, c)]
+    loss = gk.code_distill_loss(*inputs, temperature=0.5)
+    grads = torch.autograd.grad(loss, inputs)
+    cpu_inputs = [v.detach().cpu().double().requires_grad_() for v in inputs]
+    loss64 = gk.code_distill_loss(*cpu_inputs, temperature=0.5)
+    grads64 = torch.autograd.grad(loss64, cpu_inputs)
+    torch.testing.assert_close(loss.double().cpu(), loss64, rtol=1e-4, atol=1e-5)
+    for g, w in zip(grads, grads64):
+        torch.testing.assert_close(g.double().cpu(), w, rtol=1e-3, atol=1e-6)
