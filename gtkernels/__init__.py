@@ -14,6 +14,7 @@ from .graph import Graph  # noqa: E402
 from .graph_attn import graph_attention  # noqa: E402
 from .hashing import hashed_lookup, sign_hash  # noqa: E402
 from .window_attn import window_attention  # noqa: E402
+from . import nn  # noqa: E402,F401  (model layers: gk.nn.*)
 
 __version__ = _C.build_info()["version"]
 
