@@ -231,6 +231,16 @@ def test_triton_search(dtype, metric, k, near_ties):
 
 
 @needs_triton
+def test_triton_search_large_k():
+    from gtkernels.triton.codebook import codebook_search
+
+    device = triton_device()  # k > 16: 128 lanes; most rows take the exact fallback here
+    x, codebook = torch.randn(8, 12, device=device), torch.randn(200, 12, device=device)
+    dist, idx = codebook_search(x[:, None], codebook[None], 20, "l2")
+    assert_search_exact(x, codebook, 20, "l2", dist[:, 0], idx[:, 0])
+
+
+@needs_triton
 def test_triton_search_grouped_strided():
     from gtkernels.triton.codebook import codebook_search
 

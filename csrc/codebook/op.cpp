@@ -4,8 +4,8 @@
 
 TORCH_LIBRARY_FRAGMENT(gtkernels, m) {
   // x: [N, G, D], codebook: [G, K, D], codebook_norms: float32 [G, K] (||c||^2) or None.
-  // -> dist float32 [N, G, k] ascending, idx int64 [N, G, k]; exact (float64) ranking,
-  // ties to the lowest index.
+  // -> dist float32 (float64 for float64 inputs) [N, G, k] ascending, idx int64 [N, G, k];
+  // exact (float64) ranking, ties to the lowest index.
   m.def(
       "codebook_search(Tensor x, Tensor codebook, int k, str metric, Tensor? codebook_norms)"
       " -> (Tensor, Tensor)");
@@ -15,7 +15,7 @@ TORCH_LIBRARY_FRAGMENT(gtkernels, m) {
       " str metric) -> (Tensor, Tensor)");
   // student, teacher: [N, D], codebook: [K, D]; metric "l2" or "ip" (cosine is "ip" on
   // normalised inputs, done by the Python layer).
-  // -> (row_kl float32 [N], row_stats float32 [N, 3] = (lse_teacher, lse_student,
+  // -> (row_kl [N], row_stats [N, 3], float32 or float64 = (lse_teacher, lse_student,
   //     E_teacher[a - b]) where a, b are the teacher's and student's logits -d / temperature).
   m.def(
       "code_distill_loss(Tensor student, Tensor teacher, Tensor codebook, float temperature,"

@@ -8,9 +8,10 @@
    ``runner_up`` = the best score of any code that is not its lane's best. With
    T = (k-th smallest lane best) + 2 eps, every code of the exact top-k has s_j <= T (k codes
    have true distance <= their s + eps <= k-th + eps). If runner_up > T, the lane bests with
-   s <= T are all the candidates; otherwise the row is flagged.
+   s <= T are all the candidates, compacted into CAND slots; otherwise (or with more than
+   CAND candidates) the row is flagged. LANES is 64 (128 for k > 16).
 2. ``_rerank_kernel``: float64 distances of a row's candidates, k smallest (ties to the lowest
-   index). Flagged rows are skipped.
+   index), ROWS rows per program. Flagged rows are skipped.
 3. ``_fallback_kernel``: for flagged rows only (others return at once), an exact float64 scan
    of all codes, k times, each time the lexicographically next (dist, index).
 No host synchronisation anywhere.
@@ -24,7 +25,7 @@ from .norms import row_sq_norms
 
 METRIC_IDS = {"l2": 0, "ip": 1, "cosine": 2}
 COSINE_EPS = 1e-8
-LANES = 128
+_COSINE_EPS_K = tl.constexpr(COSINE_EPS)  # the same, readable inside kernels
 UNIT = 2.0 ** -24  # fp32 unit roundoff
 TF32_PRODUCT_REL = 2.0 ** -9  # two operands truncated to 10 mantissa bits
 SAFETY = 2.0
@@ -122,24 +123,25 @@ def _prune_scan_configs(configs, named_args, **kwargs):
 _scan_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
              for bd in (16, 32, 64, 128, 256)
-             for bn, w, st in [(64, 4, 3), (128, 8, 3), (64, 8, 3), (128, 8, 2)]],
-    key=["D", "K", "METRIC", "K_SEL"],
+             for bn, w, st in [(64, 4, 3), (128, 8, 3), (64, 4, 2), (128, 8, 2)]],
+    key=["D", "METRIC", "K_SEL", "LANES_"],
     prune_configs_by={"early_config_prune": _prune_scan_configs},
 )(_scan_kernel)
 
 
 @triton.jit
-def _exact_distances(x_rows, c_rows, codes, valid, D, sxd, sck, scd,
+def _exact_distances(x_rows, row_ok, c_rows, codes, valid, D, sxd, sck, scd,
                      METRIC: tl.constexpr, BLOCK_D: tl.constexpr):
-    """float64 distances [R, C] of rows (x_rows: [R] pointers) to codes [R, C] (c_rows: [R]
-    pointers to each row's sub-codebook); invalid entries get +inf."""
+    """float64 distances [R, C] of rows (x_rows: [R] pointers, read where row_ok) to codes
+    [R, C] (c_rows: [R] pointers to each row's sub-codebook); invalid entries get +inf."""
     dk = tl.arange(0, BLOCK_D)
     acc = tl.zeros(codes.shape, dtype=tl.float64)
     xx = tl.zeros([codes.shape[0], 1], dtype=tl.float64)
     cc = tl.zeros(codes.shape, dtype=tl.float64)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + dk
-        xv = tl.load(x_rows[:, None] + dd[None, :] * sxd, mask=dd[None, :] < D, other=0.0)
+        xv = tl.load(x_rows[:, None] + dd[None, :] * sxd, mask=row_ok[:, None] & (dd[None, :] < D),
+                     other=0.0)
         xv = xv.to(tl.float64)[:, None, :]
         cv = tl.load(c_rows[:, None, None] + codes[:, :, None].to(tl.int64) * sck
                      + dd[None, None, :] * scd,
@@ -154,8 +156,8 @@ def _exact_distances(x_rows, c_rows, codes, valid, D, sxd, sck, scd,
     if METRIC == 1:
         acc = -acc
     elif METRIC == 2:
-        x_norm = tl.maximum(tl.sqrt(xx), COSINE_EPS)
-        c_norm = tl.maximum(tl.sqrt(cc), COSINE_EPS)
+        x_norm = tl.maximum(tl.sqrt(xx), _COSINE_EPS_K)
+        c_norm = tl.maximum(tl.sqrt(cc), _COSINE_EPS_K)
         acc = 1.0 - acc / (x_norm * c_norm)
     return tl.where(valid, acc, float("inf"))
 
@@ -173,8 +175,8 @@ def _rerank_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, dist_ptr, idx_ptr,
                     mask=live[:, None], other=-1)
     valid = codes >= 0
     codes = tl.where(valid, codes, 0)
-    d = _exact_distances(x_ptr + (rows // G) * sxn + g * sxg, c_ptr + g * scg, codes, valid,
-                         D, sxd, sck, scd, METRIC, BLOCK_D)
+    d = _exact_distances(x_ptr + (rows // G) * sxn + g * sxg, live, c_ptr + g * scg, codes,
+                         valid, D, sxd, sck, scd, METRIC, BLOCK_D)
     for t in tl.static_range(K_SEL):
         m = tl.min(d, axis=1)
         j = tl.min(tl.where(d == m[:, None], codes, K), axis=1)
@@ -204,8 +206,8 @@ def _fallback_kernel(x_ptr, c_ptr, flag_ptr, dist_ptr, idx_ptr,
         for k0 in range(0, K, BLOCK):
             codes = k0 + offs
             valid = codes < K
-            d = _exact_distances(x_ptr + x_row, c_ptr + c_row, codes[None, :], valid[None, :],
-                                 D, sxd, sck, scd, METRIC, BLOCK_D)
+            d = _exact_distances(x_ptr + x_row, x_row >= 0, c_ptr + c_row, codes[None, :],
+                                 valid[None, :], D, sxd, sck, scd, METRIC, BLOCK_D)
             d = tl.reshape(d, [BLOCK])
             after = (d > prev_d) | ((d == prev_d) & (codes > prev_j))
             d = tl.where(valid & after, d, float("inf"))
@@ -268,14 +270,17 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
         norms = codebook_norms.float().contiguous()
     nterm = norms if metric != "cosine" else norms.sqrt().clamp_min(COSINE_EPS).reciprocal()
     eps = score_bound(x3, norms, metric)
-    cand_slots = min(LANES, max(16, 2 * triton.next_power_of_2(k)))
+    # Lanes (= codes per tile) hold the per-lane best in registers: 64 keeps the scan free of
+    # register spills (ptxas, sm_90a); 128 lowers lane collisions (fallback rows) for large k.
+    lanes = 64 if k <= 16 else 128
+    cand_slots = min(lanes, max(16, 2 * triton.next_power_of_2(k)))
     cand = torch.empty((num_rows, num_groups, cand_slots), device=x3.device, dtype=torch.int32)
     flag = torch.empty((num_rows, num_groups), device=x3.device, dtype=torch.int8)
     metric_id = METRIC_IDS[metric]
     strides = (*x3.stride(), *cb3.stride())
     args = (x3, cb3, nterm.contiguous(), eps, cand, flag, num_rows, num_groups, num_codes, dim,
             *strides)
-    options = dict(METRIC=metric_id, K_SEL=k, DOT_DTYPE=_dot_dtype(x3.dtype), LANES_=LANES,
+    options = dict(METRIC=metric_id, K_SEL=k, DOT_DTYPE=_dot_dtype(x3.dtype), LANES_=lanes,
                    CAND=cand_slots, D_PAD=max(16, triton.next_power_of_2(dim)))
     if interpreting():  # one small configuration: the interpreter is slow
         _scan_kernel[(triton.cdiv(num_rows, 16), num_groups)](
@@ -283,9 +288,10 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
     else:
         grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]), num_groups)  # noqa: E731
         _scan_kernel_tuned[grid](*args, **options, PRECISION="tf32")
-    block_d = min(32, triton.next_power_of_2(dim))
+    # [rows, CAND, BLOCK_D] float64 tiles of 2048 values: no register spills (ptxas, sm_90a).
+    block_d = min(16, triton.next_power_of_2(dim))
     rows = num_rows * num_groups
-    rerank_rows = max(1, 256 // cand_slots)
+    rerank_rows = max(1, 128 // cand_slots)
     _rerank_kernel[(triton.cdiv(rows, rerank_rows),)](
         x3, cb3, cand, flag, dist, idx, rows, num_groups, num_codes, dim, *strides,
         METRIC=metric_id, K_SEL=k, CAND=cand_slots, ROWS=rerank_rows, BLOCK_D=block_d,

@@ -1,62 +1,31 @@
-// Exact codebook search on the CPU: an fp32 pass (BLAS blocks of rows x codes) keeps, per row,
-// every code whose approximate score is within twice a proven error bound of the k-th best;
-// those candidates are then ranked by their float64 distance. No fallback is needed: the
-// candidate list of a row grows as the data demands.
+// Exact codebook search on the CPU: an fp32 pass keeps, per row, every code whose approximate
+// score is within twice a proven error bound of the k-th best; those candidates are then ranked
+// by their float64 distance. No fallback is needed: a row's candidate list grows as the data
+// demands. The fp32 pass is the fused AVX2 tile kernel (fused_scan_avx2.h) on CPUs that have
+// it, else BLAS blocks of rows x codes followed by a scan.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "codebook/cpu/fused_scan_avx2.h"
 #include "codebook/cpu/metric.h"
+#include "codebook/cpu/row_state.h"
 #include "codebook/cpu/score_bound.h"
 #include "common/checks.h"
 
 namespace gtk::codebook {
 namespace {
 
-// A chunk's fp32 scores (64 x 1024 floats) stay in a core's L2 between the GEMM and the scan.
+// Rows per parallel task; BLAS path: a chunk's scores (128 x 2048 floats) stay in cache.
 constexpr int64_t kRowChunk = 64;
-constexpr int64_t kCodeChunk = 1024;
-
-struct RowState {
-  std::vector<float> best;  // the k smallest approximate scores so far, ascending
-  std::vector<std::pair<float, int64_t>> candidates;
-  size_t compact_at = 0;
-  double eps2 = 0.0;  // twice the bound on |approximate score - exact score|
-
-  double threshold() const { return static_cast<double>(best.back()) + eps2; }
-
-  void add(float s, int64_t j, double& thr) {
-    candidates.emplace_back(s, j);
-    if (s < best.back()) {
-      auto pos = std::upper_bound(best.begin(), best.end(), s);
-      best.insert(pos, s);
-      best.pop_back();
-      thr = threshold();
-    }
-    if (candidates.size() >= compact_at) {
-      auto keep_end = std::remove_if(candidates.begin(), candidates.end(),
-                                     [thr](const auto& c) { return c.first > thr; });
-      candidates.erase(keep_end, candidates.end());
-      compact_at = std::max(compact_at, 2 * candidates.size());
-    }
-  }
-};
-
-// Approximate score of code j from its fp32 dot product with the row (smaller is better).
-template <Metric M>
-inline float approx_score(float dot, float norm_term) {
-  if constexpr (M == Metric::kL2) return norm_term - 2.f * dot;
-  if constexpr (M == Metric::kIp) return -dot;
-  return -dot * norm_term;
-}
+constexpr int64_t kCodeChunk = 2048;
 
 template <Metric M>
 void scan_row_scalar(const float* dots, const float* norm_term, int64_t codes, int64_t code0,
@@ -68,46 +37,11 @@ void scan_row_scalar(const float* dots, const float* norm_term, int64_t codes, i
   }
 }
 
-// The same scan, 8 codes at a time: one vector compare against the (rounded up) threshold;
-// the rare codes under it go through RowState::add.
-template <Metric M>
-__attribute__((target("avx2,fma"))) void scan_row_avx2(const float* dots, const float* norm_term,
-                                                      int64_t codes, int64_t code0, RowState& st) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  double thr = st.threshold();
-  __m256 thr_up = _mm256_set1_ps(std::nextafter(static_cast<float>(thr), kInf));
-  const __m256 minus_two = _mm256_set1_ps(-2.f);
-  int64_t j = 0;
-  for (; j + 8 <= codes; j += 8) {
-    const __m256 dot = _mm256_loadu_ps(dots + j);
-    __m256 s;
-    if constexpr (M == Metric::kL2) s = _mm256_fmadd_ps(minus_two, dot, _mm256_loadu_ps(norm_term + j));
-    if constexpr (M == Metric::kIp) s = _mm256_sub_ps(_mm256_setzero_ps(), dot);
-    if constexpr (M == Metric::kCosine) s = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), dot), _mm256_loadu_ps(norm_term + j));
-    int mask = _mm256_movemask_ps(_mm256_cmp_ps(s, thr_up, _CMP_LE_OQ));
-    if (mask == 0) continue;
-    alignas(32) float lane[8];
-    _mm256_store_ps(lane, s);
-    while (mask) {
-      const int b = __builtin_ctz(mask);
-      mask &= mask - 1;
-      if (lane[b] <= thr) st.add(lane[b], code0 + j + b, thr);
-    }
-    thr_up = _mm256_set1_ps(std::nextafter(static_cast<float>(thr), kInf));
-  }
-  scan_row_scalar<M>(dots + j, norm_term + j, codes - j, code0 + j, st);
-}
-
 template <Metric M>
 void scan_block(const float* scores, int64_t rows, int64_t codes, int64_t code0,
                 const float* norm_term, RowState* states) {
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   for (int64_t r = 0; r < rows; ++r) {
-    if (has_avx2) {
-      scan_row_avx2<M>(scores + r * codes, norm_term + code0, codes, code0, states[r]);
-    } else {
-      scan_row_scalar<M>(scores + r * codes, norm_term + code0, codes, code0, states[r]);
-    }
+    scan_row_scalar<M>(scores + r * codes, norm_term + code0, codes, code0, states[r]);
   }
 }
 
@@ -156,12 +90,30 @@ void search_group(const at::Tensor& x, const at::Tensor& codebook, const at::Ten
   const at::Tensor x_norms = x.select(1, group).to(at::kDouble).norm(2, 1).contiguous();
   const double* xn = x_norms.data_ptr<double>();
   const float* nt = norm_term.data_ptr<float>();
-  // One parallel region over row chunks; BLAS runs single-threaded inside it.
+  const bool fused = cpu_has_avx2_fma();
+  const int64_t num_panels = (num_codes + kPanel - 1) / kPanel;
+  // Fused path: codes packed in panels; a chunk of panels (~256 KiB) stays in L2 while every
+  // row tile of the row chunk passes over it.
+  std::vector<float> packed, nt_padded;
+  if (fused) {
+    packed = pack_code_panels(c32.data_ptr<float>(), num_codes, dim);
+    nt_padded.assign(num_panels * kPanel, 0.f);
+    std::copy(nt, nt + num_codes, nt_padded.begin());
+  }
+  const int64_t panels_per_chunk = std::max<int64_t>(1, (256 << 10) / (dim * kPanel * 4));
+  const float* xp = x32.data_ptr<float>();
+  // One parallel region; each worker takes row chunks from a shared counter (balanced even
+  // when a core is busy elsewhere). BLAS (other CPUs) runs single-threaded inside it.
   const int64_t num_chunks = (num_rows + kRowChunk - 1) / kRowChunk;
-  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    at::Tensor scores = at::empty({kRowChunk * kCodeChunk}, x32.options());
+  std::atomic<int64_t> next_chunk{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_chunks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    at::Tensor scores = fused ? at::Tensor() : at::empty({kRowChunk * kCodeChunk}, x32.options());
     std::vector<RowState> states(kRowChunk);
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    std::vector<RowState*> state_ptrs(kRowChunk);
+    for (int64_t r = 0; r < kRowChunk; ++r) state_ptrs[r] = &states[r];
+    std::vector<float> x_tail(kTileRows * dim);
+    for (int64_t chunk = next_chunk++; chunk < num_chunks; chunk = next_chunk++) {
       const int64_t row0 = chunk * kRowChunk;
       const int64_t rows = std::min(kRowChunk, num_rows - row0);
       for (int64_t r = 0; r < rows; ++r) {
@@ -169,16 +121,37 @@ void search_group(const at::Tensor& x, const at::Tensor& codebook, const at::Ten
         states[r].compact_at = static_cast<size_t>(std::max<int64_t>(256, 8 * k));
         states[r].eps2 = 2.0 * bound.eps(xn[row0 + r]);
       }
-      const at::Tensor xb = x32.narrow(0, row0, rows);
-      for (int64_t code0 = 0; code0 < num_codes; code0 += kCodeChunk) {
-        const int64_t codes = std::min(kCodeChunk, num_codes - code0);
-        at::Tensor s = scores.narrow(0, 0, rows * codes).view({rows, codes});
-        at::mm_out(s, xb, c32.narrow(0, code0, codes).t());
-        const float* sp = s.data_ptr<float>();
-        switch (metric) {
-          case Metric::kL2: scan_block<Metric::kL2>(sp, rows, codes, code0, nt, states.data()); break;
-          case Metric::kIp: scan_block<Metric::kIp>(sp, rows, codes, code0, nt, states.data()); break;
-          case Metric::kCosine: scan_block<Metric::kCosine>(sp, rows, codes, code0, nt, states.data()); break;
+      if (fused) {
+        for (int64_t p0 = 0; p0 < num_panels; p0 += panels_per_chunk) {
+          const int64_t p1 = std::min(num_panels, p0 + panels_per_chunk);
+          for (int64_t r = 0; r < rows; r += kTileRows) {
+            const int64_t tile_rows = std::min(kTileRows, rows - r);
+            const float* xt = xp + (row0 + r) * dim;
+            if (tile_rows < kTileRows) {  // zero-pad the last tile (its extra rows are ignored)
+              std::fill(x_tail.begin(), x_tail.end(), 0.f);
+              std::copy(xt, xt + tile_rows * dim, x_tail.begin());
+              xt = x_tail.data();
+            }
+            RowState* const* st = state_ptrs.data() + r;
+            switch (metric) {
+              case Metric::kL2: fused_scan_tile<Metric::kL2>(xt, tile_rows, packed.data(), nt_padded.data(), dim, p0, p1, num_codes, st); break;
+              case Metric::kIp: fused_scan_tile<Metric::kIp>(xt, tile_rows, packed.data(), nt_padded.data(), dim, p0, p1, num_codes, st); break;
+              case Metric::kCosine: fused_scan_tile<Metric::kCosine>(xt, tile_rows, packed.data(), nt_padded.data(), dim, p0, p1, num_codes, st); break;
+            }
+          }
+        }
+      } else {
+        const at::Tensor xb = x32.narrow(0, row0, rows);
+        for (int64_t code0 = 0; code0 < num_codes; code0 += kCodeChunk) {
+          const int64_t codes = std::min(kCodeChunk, num_codes - code0);
+          at::Tensor s = scores.narrow(0, 0, rows * codes).view({rows, codes});
+          at::mm_out(s, xb, c32.narrow(0, code0, codes).t());
+          const float* sp = s.data_ptr<float>();
+          switch (metric) {
+            case Metric::kL2: scan_block<Metric::kL2>(sp, rows, codes, code0, nt, states.data()); break;
+            case Metric::kIp: scan_block<Metric::kIp>(sp, rows, codes, code0, nt, states.data()); break;
+            case Metric::kCosine: scan_block<Metric::kCosine>(sp, rows, codes, code0, nt, states.data()); break;
+          }
         }
       }
       rerank_rows<scalar_t>(states.data(), rows, row0, x.data_ptr<scalar_t>(),
