@@ -131,3 +131,13 @@ def test_memory_layer_bad_arguments(kwargs, match):
 def test_memory_layer_rejects_wrong_input_width():
     with pytest.raises(ValueError, match="tables must be"):
         gk.nn.MemoryLayer(32, 4, tau=8)(torch.randn(2, 40))
+
+
+@pytest.mark.gpu
+def test_memory_layer_cuda_equals_cpu():
+    layer = gk.nn.MemoryLayer(256, 128, tau=8, num_projections=3)
+    layer_cuda = gk.nn.MemoryLayer(256, 128, tau=8, num_projections=3).cuda()
+    layer_cuda.load_state_dict(layer.state_dict())
+    x = torch.randn(1000, 256)
+    for a, b in zip(layer(x), layer_cuda(x.cuda())):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)

@@ -269,3 +269,19 @@ def test_vq_bad_calls():
     with pytest.raises(ValueError, match="codebook_transform='linear'"):
         gk.nn.VectorQuantizer(8, 8, codebook_transform="linear").restart_dead_codes(
             torch.randn(4, 8), 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [dict(ema_decay=0.9, groups=2), dict(metric="cosine"),
+                                    dict(codebook_transform="linear")])
+def test_vq_cuda_equals_cpu(config):
+    vq = gk.nn.VectorQuantizer(1000, 64, **config).train()
+    vq_cuda = copy.deepcopy(vq).cuda()
+    x = torch.randn(4096, 64)
+    quantized, idx, loss = vq(x)
+    quantized_cuda, idx_cuda, loss_cuda = vq_cuda(x.cuda())
+    assert torch.equal(idx_cuda.cpu(), idx)
+    torch.testing.assert_close(quantized_cuda.cpu(), quantized)
+    torch.testing.assert_close(loss_cuda.cpu(), loss)
+    for name, value in vq.state_dict().items():  # EMA sums: fp32 atomics in another order
+        torch.testing.assert_close(vq_cuda.state_dict()[name].cpu(), value, rtol=1e-4, atol=1e-5)
