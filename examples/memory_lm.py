@@ -3,7 +3,7 @@
 hashed lookups. Trained on addition strings generated here ("417+85=502;"), it prints the
 training loss and the held-out loss before and after training.
 
-    python examples/memory_lm.py                 # CPU by default when no GPU, ~1-2 minutes
+    python examples/memory_lm.py                 # CPU by default when no GPU, ~1 minute
     python examples/memory_lm.py --steps 600 --device cuda
 """
 import argparse
@@ -101,8 +101,9 @@ def main():
     test_stream = addition_corpus(400, generator)
     model = MemoryLM(len(VOCAB), args.dim, 4, args.layers, args.context, args.tau).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
+    def warmup_cosine(step):
+        return min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(train_stream):,} training characters, device {args.device}")
     start_eval = held_out_loss(model, test_stream, args.context, args.device)
@@ -123,7 +124,8 @@ def main():
             print(f"step {step:5d}  train loss {mean:.3f}  ({time.time() - began:.0f} s)")
             window = []
     end_eval = held_out_loss(model, test_stream, args.context, args.device)
-    print(f"train loss: first 50 steps {first:.3f} -> last 50 steps {mean:.3f}")
+    print(f"train loss (mean of a logging window of up to 50 steps): first {first:.3f} -> "
+          f"last {mean:.3f}")
     print(f"held-out loss: {start_eval:.3f} -> {end_eval:.3f}")
 
 

@@ -2,7 +2,7 @@
 16,384-code codebook: EMA codebook updates and dead-code restarts from the batch keep the codes
 in use. Prints the reconstruction loss and the fraction of codes used over each epoch.
 
-    python examples/vq_tokenizer.py              # CPU by default when no GPU, ~1-2 minutes
+    python examples/vq_tokenizer.py              # CPU by default when no GPU, ~35 s idle
     python examples/vq_tokenizer.py --steps 800 --device cuda
 """
 import argparse

@@ -50,7 +50,8 @@ CONFIGS = [dict(), dict(metric="cosine"), dict(groups=2), dict(ema_decay=0.9),
            dict(codebook_transform="linear", groups=2, metric="cosine")]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("config", CONFIGS,
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_vq_matches_dense_reference(config):
     vq = gk.nn.VectorQuantizer(37, 16, dtype=torch.float64, commitment=0.3, **config).train()
     if config.get("codebook_transform"):

@@ -41,8 +41,9 @@ class VectorQuantizer(CodeUsageMixin, nn.Module):
     Forward: x float ``[..., D]`` -> ``(quantized, indices, loss)``:
         quantized: x's dtype ``[..., D]``, ``x + sg(q - x)`` (straight-through: its gradient
         w.r.t. x is the identity); indices: int64 ``[...]`` (``[..., G]`` with groups);
-        loss: float32 (float64 for float64 inputs) scalar ``||sg(x) - q||^2 + commitment * ||x - sg(q)||^2`` (means over
-        elements; the first term is absent with EMA updates).
+        loss: float32 scalar (float64 for float64 inputs),
+        ``||sg(x) - q||^2 + commitment * ||x - sg(q)||^2`` (means over elements; the first
+        term is absent with EMA updates). With metric "cosine", x and q are the normalised ones.
 
     The search is ``gk.codebook_search`` (exact, never N x K) in the wider of x's and the
     codebook's dtypes. Buffers: ``cluster_size`` (EMA usage per code), ``code_counts`` (int64
@@ -181,7 +182,8 @@ class VectorQuantizer(CodeUsageMixin, nn.Module):
     def restart_dead_codes(self, x: torch.Tensor, threshold: float):
         """Replaces every code whose EMA usage (``cluster_size``) is below threshold by a random
         vector of x ``[..., D]`` (drawn with replacement). Restarted codes get usage threshold
-        (and, with EMA, sums threshold * vector). No host sync: a masked select over the codebook."""
+        (and, with EMA, sums threshold * vector). No host sync: a masked select over the
+        whole codebook."""
         V.check_positive("threshold", threshold)
         self._restart(self._prepare(x.detach(), self.cluster_size.dtype), threshold)
 
