@@ -14,7 +14,7 @@ from .graph import Graph  # noqa: E402
 from .graph_attn import graph_attention  # noqa: E402
 from .hashing import hashed_lookup, sign_hash  # noqa: E402
 from .window_attn import window_attention  # noqa: E402
-from . import nn  # noqa: E402  (model layers; after the ops they use)
+from . import nn  # noqa: E402,F401  (model layers: gk.nn.*)
 
 __version__ = _C.build_info()["version"]
 
@@ -24,5 +24,5 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["build_info", "code_distill_loss", "codebook_search", "Graph", "graph_attention", "hashed_lookup", "sign_hash",
-           "weighted_gather_sum", "window_attention", "__version__"]
+__all__ = ["build_info", "code_distill_loss", "codebook_search", "Graph", "graph_attention",
+           "hashed_lookup", "sign_hash", "weighted_gather_sum", "window_attention", "__version__"]
