@@ -5,7 +5,8 @@ import torch
 
 import gtkernels as gk
 from gtkernels.reference import hashing as ref
-from utils import DEVICE_PARAMS, FLOAT_DTYPES, assert_within_tolerance, rel_err
+from utils import (DEVICE_PARAMS, FLOAT_DTYPES, assert_bitwise_repeatable, assert_within_tolerance,
+                   rel_err)
 
 # (R, d, T, B, M or None for a 2-D table)
 GATHER_CASES = [(50, 7, 13, 4, None), (3, 33, 20, 6, None), (1000, 16, 9, 1, None),
@@ -84,13 +85,8 @@ def test_weighted_gather_sum_backward_is_deterministic(device):
     table.requires_grad_()
     w.requires_grad_()
     grad_out = torch.randn(700, 64, device=device)
-    first = None
-    for _ in range(10):
-        grads = torch.autograd.grad(gk.weighted_gather_sum(table, idx, w), (table, w), grad_out)
-        if first is None:
-            first = grads
-        for a, b in zip(first, grads):
-            assert torch.equal(a, b)
+    assert_bitwise_repeatable(
+        lambda: torch.autograd.grad(gk.weighted_gather_sum(table, idx, w), (table, w), grad_out))
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)

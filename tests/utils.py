@@ -33,3 +33,11 @@ def assert_within_tolerance(out, ref64, torch_same_precision, factor=2.0, floor=
     err = rel_err(out, ref64)
     base = rel_err(torch_same_precision, ref64)
     assert err <= factor * base + floor, f"{name}: rel err {err:.3e} > {factor} x {base:.3e} + {floor}"
+
+
+def assert_bitwise_repeatable(grads_fn, runs=10):
+    """Calls grads_fn() `runs` times; every call must return bitwise-identical tensors."""
+    first = grads_fn()
+    for _ in range(runs - 1):
+        for a, b in zip(first, grads_fn()):
+            assert torch.equal(a, b)
