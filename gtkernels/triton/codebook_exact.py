@@ -1,0 +1,209 @@
+"""The float64 stages of the exact codebook search (after the tensor-core scan of codebook.py).
+
+- ``_rerank_kernel``: float64 distances of a row's candidate codes, the k smallest (ties to
+  the lowest index), ROWS rows per program. Rows the scan flagged are skipped.
+- Flagged rows take an exact float64 scan of all codes, split over the codebook so that a
+  few flagged rows do not serialise on one program each: ``flagged_rows`` lists them on the
+  device (no host synchronisation), ``_split_topk_kernel`` has a fixed set of programs walk
+  the (flagged row, code chunk) items and write each chunk's k best, and
+  ``_merge_topk_kernel`` merges a row's chunks. Ties go to the lowest index everywhere, so the
+  result does not depend on the split.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+COSINE_EPS = 1e-8
+_COSINE_EPS_K = tl.constexpr(COSINE_EPS)  # the same, readable inside kernels
+SPLIT_CODES = 2048          # codes per chunk of a flagged row's exact scan
+PARTIALS_BYTES = 64 << 20   # bound on the chunk results kept for the merge
+
+
+@triton.jit
+def _exact_distances(x_rows, row_ok, c_rows, codes, valid, D, sxd, sck, scd,
+                     METRIC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """float64 distances [R, C] of rows (x_rows: [R] pointers, read where row_ok) to codes
+    [R, C] (c_rows: [R] pointers to each row's sub-codebook); invalid entries get +inf."""
+    dk = tl.arange(0, BLOCK_D)
+    acc = tl.zeros(codes.shape, dtype=tl.float64)
+    xx = tl.zeros([codes.shape[0], 1], dtype=tl.float64)
+    cc = tl.zeros(codes.shape, dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + dk
+        xv = tl.load(x_rows[:, None] + dd[None, :] * sxd, mask=row_ok[:, None] & (dd[None, :] < D),
+                     other=0.0)
+        xv = xv.to(tl.float64)[:, None, :]
+        cv = tl.load(c_rows[:, None, None] + codes[:, :, None].to(tl.int64) * sck
+                     + dd[None, None, :] * scd,
+                     mask=valid[:, :, None] & (dd[None, None, :] < D), other=0.0).to(tl.float64)
+        if METRIC == 0:
+            diff = xv - cv
+            acc += tl.sum(diff * diff, axis=2)
+        else:
+            acc += tl.sum(xv * cv, axis=2)
+            xx += tl.sum(xv * xv, axis=2)
+            cc += tl.sum(cv * cv, axis=2)
+    if METRIC == 1:
+        acc = -acc
+    elif METRIC == 2:
+        x_norm = tl.maximum(tl.sqrt(xx), _COSINE_EPS_K)
+        c_norm = tl.maximum(tl.sqrt(cc), _COSINE_EPS_K)
+        acc = 1.0 - acc / (x_norm * c_norm)
+    return tl.where(valid, acc, float("inf"))
+
+
+@triton.jit
+def _rerank_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, dist_ptr, idx_ptr,
+                   NG, G, K, D, sxn, sxg, sxd, scg, sck, scd,
+                   METRIC: tl.constexpr, K_SEL: tl.constexpr, CAND: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # over N * G
+    live = (rows < NG)
+    live = live & (tl.load(flag_ptr + rows, mask=live, other=1) == 0)
+    g = rows % G
+    codes = tl.load(cand_ptr + rows[:, None] * CAND + tl.arange(0, CAND)[None, :],
+                    mask=live[:, None], other=-1)
+    valid = codes >= 0
+    codes = tl.where(valid, codes, 0)
+    d = _exact_distances(x_ptr + (rows // G) * sxn + g * sxg, live, c_ptr + g * scg, codes,
+                         valid, D, sxd, sck, scd, METRIC, BLOCK_D)
+    for t in tl.static_range(K_SEL):
+        m = tl.min(d, axis=1)
+        j = tl.min(tl.where(d == m[:, None], codes, K), axis=1)
+        tl.store(dist_ptr + rows * K_SEL + t, m, mask=live)
+        tl.store(idx_ptr + rows * K_SEL + t, j.to(tl.int64), mask=live)
+        d = tl.where(codes == j[:, None], float("inf"), d)
+
+
+@triton.jit
+def _split_topk_kernel(x_ptr, c_ptr, order_ptr, count_ptr, part_d_ptr, part_i_ptr,
+                       G, K, D, sxn, sxg, sxd, scg, sck, scd, num_splits, split_codes,
+                       METRIC: tl.constexpr, K_SEL: tl.constexpr, BLOCK: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    """Item (slot, s): the K_SEL best codes of chunk s of flagged row order[slot], each
+    found as the lexicographically next (dist, index) after the previous one."""
+    offs = tl.arange(0, BLOCK)
+    inf64 = tl.full([BLOCK], float("inf"), dtype=tl.float64)
+    total = tl.load(count_ptr) * num_splits
+    for item in range(tl.program_id(0), total, tl.num_programs(0)):
+        row = tl.load(order_ptr + item // num_splits)
+        lo = ((item % num_splits) * split_codes).to(tl.int32)  # code numbers are int32
+        hi = tl.minimum(lo + split_codes, K)
+        g = row % G
+        x_row = tl.zeros([1], dtype=tl.int64) + ((row // G) * sxn + g * sxg)
+        c_row = tl.zeros([1], dtype=tl.int64) + g * scg
+        prev_d = -tl.max(inf64, axis=0)
+        prev_j = tl.min(offs * 0 - 1, axis=0)
+        for t in range(K_SEL):
+            best_d = tl.max(inf64, axis=0)
+            best_j = tl.min(offs * 0 + K, axis=0)
+            for k0 in range(lo, hi, BLOCK):
+                codes = k0 + offs
+                valid = codes < hi
+                d = _exact_distances(x_ptr + x_row, x_row >= 0, c_ptr + c_row, codes[None, :],
+                                     valid[None, :], D, sxd, sck, scd, METRIC, BLOCK_D)
+                d = tl.reshape(d, [BLOCK])
+                after = (d > prev_d) | ((d == prev_d) & (codes > prev_j))
+                d = tl.where(valid & after, d, float("inf"))
+                m = tl.min(d, axis=0)
+                j = tl.min(tl.where(valid & after & (d == m), codes, K), axis=0)
+                take = (m < best_d) | ((m == best_d) & (j < best_j))
+                best_d = tl.where(take, m, best_d)
+                best_j = tl.where(take, j, best_j)
+            tl.store(part_d_ptr + item * K_SEL + t, best_d)
+            tl.store(part_i_ptr + item * K_SEL + t, best_j.to(tl.int64))
+            prev_d = best_d
+            prev_j = best_j
+
+
+@triton.jit
+def _merge_topk_kernel(order_ptr, count_ptr, part_d_ptr, part_i_ptr, dist_ptr, idx_ptr, K,
+                       num_parts, K_SEL: tl.constexpr, BLOCK: tl.constexpr):
+    """Flagged row order[slot]: the K_SEL best of its num_parts chunk results (slot-major)."""
+    offs = tl.arange(0, BLOCK)
+    inf64 = tl.full([BLOCK], float("inf"), dtype=tl.float64)
+    for slot in range(tl.program_id(0), tl.load(count_ptr), tl.num_programs(0)):
+        row = tl.load(order_ptr + slot)
+        base = slot * num_parts
+        prev_d = -tl.max(inf64, axis=0)
+        prev_j = tl.min(offs * 0 - 1, axis=0).to(tl.int64)
+        for t in range(K_SEL):
+            best_d = tl.max(inf64, axis=0)
+            best_j = tl.min(offs * 0 + K, axis=0).to(tl.int64)
+            for p0 in range(0, num_parts, BLOCK):
+                p = p0 + offs
+                valid = p < num_parts
+                d = tl.load(part_d_ptr + base + p, mask=valid, other=float("inf"))
+                j = tl.load(part_i_ptr + base + p, mask=valid, other=K)
+                after = valid & ((d > prev_d) | ((d == prev_d) & (j > prev_j)))
+                d = tl.where(after, d, float("inf"))
+                m = tl.min(d, axis=0)
+                jm = tl.min(tl.where(after & (d == m), j, K), axis=0)
+                take = (m < best_d) | ((m == best_d) & (jm < best_j))
+                best_d = tl.where(take, m, best_d)
+                best_j = tl.where(take, jm, best_j)
+            tl.store(dist_ptr + row * K_SEL + t, best_d)
+            tl.store(idx_ptr + row * K_SEL + t, best_j)
+            prev_d = best_d
+            prev_j = best_j
+
+
+def flagged_rows(flag):
+    """flag int8 [R] -> (order int64 [R] whose first `count` entries are the flagged rows in
+    ascending order, count int64 [1]), on the device without a host synchronisation."""
+    rows = flag.numel()
+    position = torch.cumsum(flag.to(torch.int64), 0)
+    target = torch.where(flag != 0, position - 1, rows)  # unflagged rows go to a spare slot
+    order = torch.empty(rows + 1, device=flag.device, dtype=torch.int64)
+    order.scatter_(0, target, torch.arange(rows, device=flag.device))
+    return order, position[-1:]
+
+
+def _num_programs(device):
+    if interpreting():
+        return 2
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides):
+    """Fills dist, idx [N, G, k] from the scan's candidates; flagged rows get the exact scan."""
+    num_rows, num_groups, dim = x3.shape
+    num_codes = cb3.shape[1]
+    rows = num_rows * num_groups
+    cand_slots = cand.shape[-1]
+    # [rows, CAND, BLOCK_D] float64 tiles of 2048 values: no register spills (ptxas, sm_90a).
+    block_d = min(16, triton.next_power_of_2(dim))
+    rerank_rows = max(1, 128 // cand_slots)
+    _rerank_kernel[(triton.cdiv(rows, rerank_rows),)](
+        x3, cb3, cand, flag, dist, idx, rows, num_groups, num_codes, dim, *strides,
+        METRIC=metric_id, K_SEL=k, CAND=cand_slots, ROWS=rerank_rows, BLOCK_D=block_d,
+        num_warps=4)
+    order, count = flagged_rows(flag.view(-1))
+    # Chunks of SPLIT_CODES codes, fewer where every row's k results per chunk would not fit.
+    max_splits = max(1, PARTIALS_BYTES // (16 * k * rows))
+    num_splits = min(triton.cdiv(num_codes, SPLIT_CODES), max_splits)
+    split_codes = triton.cdiv(num_codes, num_splits)
+    part_d = torch.empty(rows * num_splits * k, device=x3.device, dtype=torch.float64)
+    part_i = torch.empty(rows * num_splits * k, device=x3.device, dtype=torch.int64)
+    programs = _num_programs(x3.device)
+    _split_topk_kernel[(programs,)](
+        x3, cb3, order, count, part_d, part_i, num_groups, num_codes, dim, *strides,
+        num_splits, split_codes, METRIC=metric_id, K_SEL=k, BLOCK=64, BLOCK_D=block_d,
+        num_warps=4)
+    _merge_topk_kernel[(programs,)](order, count, part_d, part_i, dist, idx, num_codes,
+                                    num_splits * k, K_SEL=k, BLOCK=128, num_warps=4)
+
+
+# Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed).
+_TYPES = {"x_ptr": "*fp32", "c_ptr": "*fp32", "cand_ptr": "*i32", "flag_ptr": "*i8",
+          "dist_ptr": "*fp32", "idx_ptr": "*i64", "order_ptr": "*i64", "count_ptr": "*i64",
+          "part_d_ptr": "*fp64", "part_i_ptr": "*i64"}
+COMPILE_CASES = [
+    ("_rerank_kernel", dict(METRIC=0, K_SEL=1, CAND=16, ROWS=8, BLOCK_D=16), _TYPES),
+    ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, BLOCK=64, BLOCK_D=16), _TYPES),
+    ("_split_topk_kernel", dict(METRIC=2, K_SEL=4, BLOCK=64, BLOCK_D=8), _TYPES),
+    ("_merge_topk_kernel", dict(K_SEL=1, BLOCK=128), _TYPES),
+    ("_merge_topk_kernel", dict(K_SEL=8, BLOCK=128), _TYPES),
+]
