@@ -41,6 +41,9 @@ def table(rows):
                      f"{_fmt(r.get('fwd_bwd_speedup'), '8.2f')}  {r['error'] or r['check']}")
     lines.append("* = gtkernels, ~ = baseline (not a peer); "
                  "'x' = best peer's time / this time (higher is faster)")
+    if any(r.get("train_step") for r in rows):
+        lines.append("train-step problems: fwd = the model's forward, fwd+bwd = one whole step "
+                     "(zero_grad, forward, loss, backward, optimizer)")
     return "\n".join(lines)
 
 
