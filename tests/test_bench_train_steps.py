@@ -75,13 +75,10 @@ def test_out_of_memory_is_a_result_and_the_next_case_runs():
 
 def test_vq_peer_step_matches_gk_vector_quantizer():
     """The one-hot EMA step and the index-add EMA step are the same update: same indices,
-    outputs, losses and codebooks over two steps from the same state. (The library starts its
-    EMA cluster sizes at 0, so that its first update divides unused codes by ~eps; gk starts
-    them at 1: the peer is put in gk's starting state here.)"""
+    outputs, losses and codebooks over two steps."""
     gen = torch.Generator().manual_seed(5)
     codebook = torch.randn(48, 8, generator=gen)
     peer = OneHotEMAQuantizer(codebook, decay=0.9, commitment=0.25)
-    peer.cluster_size.fill_(1.0)
     vq = gk.nn.VectorQuantizer(48, 8, ema_decay=0.9, commitment=0.25).train()
     with torch.no_grad():
         vq.embedding.copy_(codebook)

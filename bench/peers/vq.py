@@ -1,18 +1,24 @@
 """vector-quantize-pytorch's EMA training step, re-implemented faithfully in plain torch (the
 package is not a dependency): `VectorQuantize` with its defaults (one Euclidean codebook, no
-k-means init, no stochastic sampling, no dead-code expiry, commitment loss by MSE), whose
-`EuclideanCodebook.forward` in training mode runs, in fp32:
+k-means init, no stochastic sampling, no dead-code expiry, commitment loss by MSE) except
+``rotation_trick=False`` (see below), whose `EuclideanCodebook.forward` in training mode runs,
+in fp32:
 
 - dist = -cdist(x, embed), cdist = sqrt(clamp(|x|^2 + |c|^2 - 2 x.c, 0)) [1, N, K], kept
   until the end of the forward (the codebook returns it);
 - embed_ind = dist.argmax(-1); embed_onehot = F.one_hot(embed_ind, K) as fp32 [1, N, K];
 - quantize = einsum(one_hot, embed): the codes picked by a [N, K] x [K, D] matmul;
-- EMA: cluster_size.lerp_(one_hot.sum(1), 1 - decay),
-  embed_avg.lerp_(einsum(x, one_hot) [K, D], 1 - decay), embed = embed_avg / (Laplace-smoothed
-  cluster_size * total);
+- EMA (cluster sizes start at 1, sums at the codebook): cluster_size.lerp_(one_hot.sum(1),
+  1 - decay), embed_avg.lerp_(einsum(x, one_hot) [K, D], 1 - decay),
+  embed = embed_avg / (Laplace-smoothed cluster_size * total);
 
-then `VectorQuantize.forward`: straight-through x + (quantize - x).detach() and
+then `VectorQuantize.forward`: the straight-through output x + (quantize - x).detach() and
 loss = tensor([0.]) + mse_loss(quantize.detach(), x) * commitment_weight.
+
+The package's default output is now the rotation trick (``rotation_trick=True``), a different
+gradient estimator with the same forward value; the straight-through option is the one that
+computes what gk.nn.VectorQuantizer computes. The rotation adds O(N D) elementwise work, small
+beside the O(N K) and O(N K D) passes above.
 """
 import torch
 import torch.nn.functional as F
@@ -36,7 +42,7 @@ class OneHotEMAQuantizer:
     def __init__(self, codebook, decay=0.99, commitment=0.25, eps=1e-5):
         self.embed = codebook.detach().clone().float().unsqueeze(0)     # [1, K, D]
         self.embed_avg = self.embed.clone()
-        self.cluster_size = torch.zeros(self.embed.shape[:2], device=codebook.device)
+        self.cluster_size = torch.ones(self.embed.shape[:2], device=codebook.device)
         self.decay, self.commitment, self.eps = decay, commitment, eps
 
     def codebook_step(self, x):
