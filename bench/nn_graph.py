@@ -13,6 +13,8 @@ Problems (graphs as in bench/graph_attn.py): the 67^3 and 216^3 grids, 6-neighbo
 loops. "fwd" is the model's forward; "fwd+bwd" one whole step (zero_grad, forward, loss,
 backward, AdamW step); peak memory is that of one step beyond parameters, optimizer state and
 inputs. The check compares the first forward's predictions (same parameters, before any step).
+A baseline (shown, not a peer) runs the same model with the attention replaced by v: the time
+of everything but the attention, which bounds the speedup any attention kernel can give.
 `mesh10m-train-ckpt` recomputes each layer in the backward (activation checkpointing, as
 examples/mesh_diffusion.py trains at mesh10m), for both implementations.
 """
@@ -111,14 +113,30 @@ def mesh10m_train_ckpt(device, quick):
     return mesh_train_problem(7 if quick else 216, device, recompute=True)
 
 
-@impl(FAMILY, "same model, segment softmax")
-def segment_softmax_model(inputs):
-    model = copy.deepcopy(inputs["model"])
-    attention = segment_softmax_attention_fn(inputs["edge_index"])
+def with_attention(model, attention_fn):
+    """A copy of `model` whose GraphAttention layers call `attention_fn`."""
+    model = copy.deepcopy(model)
     for module in model.modules():
         if isinstance(module, gk.nn.GraphAttention):
-            module.attention_fn = attention
-    return train_step(model, inputs)
+            module.attention_fn = attention_fn
+    return model
+
+
+def values_only(q, k, v, g, **unused):
+    """No attention: every node keeps its own value (the rest of the model's cost)."""
+    return v
+
+
+@impl(FAMILY, "same model, segment softmax")
+def segment_softmax_model(inputs):
+    attention = segment_softmax_attention_fn(inputs["edge_index"])
+    return train_step(with_attention(inputs["model"], attention), inputs)
+
+
+@impl(FAMILY, "same model, no attention", baseline=True)
+def no_attention_model(inputs):
+    """The floor of any attention kernel in this model: projections, norms, FFNs, optimizer."""
+    return train_step(with_attention(inputs["model"], values_only), inputs)
 
 
 @impl(FAMILY, "gk.nn.GraphTransformerLayer", ours=True)

@@ -17,6 +17,7 @@ FAST = {"warmup_ms": 1, "rep_ms": 1}
 
 
 def graph_layer_impls():
+    """(peer, ours) of the graph_layer family."""
     by_name = {i.name: i for i in REGISTRY.impls if i.family == nn_graph.FAMILY}
     return by_name["same model, segment softmax"], by_name["gk.nn.GraphTransformerLayer"]
 
@@ -30,11 +31,12 @@ def test_graph_layer_problems_are_registered():
 def test_graph_layer_family_runs_quick_on_cpu():
     rows = run_all(REGISTRY, "cpu", True, families=[nn_graph.FAMILY],
                    problems=["mesh300k-train"], timing=FAST, log=lambda *a, **k: None)
-    assert len(rows) == 2
+    assert len(rows) == 3
     for row in rows:
         assert row["error"] is None, row
         assert row["train_step"] and row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
     assert all(r["check"].startswith("max rel err") for r in rows if r["ours"])
+    assert all(r["check"] == "" for r in rows if r["baseline"])
 
 
 def test_graph_layer_models_agree_through_steps():

@@ -39,7 +39,7 @@ def run_case(problem, impl, inputs, state, device, timing):
         built = impl.build(inputs)
         forward, step = (built.forward, built.step) if problem.train_step else (built, None)
         out = _first(forward())
-        if problem.compare is not None:
+        if problem.compare is not None and not impl.baseline:  # a baseline computes other things
             if "reference" not in state:
                 state["reference"] = (impl.name, out.detach())
             else:
