@@ -19,7 +19,7 @@ FAST = {"warmup_ms": 1, "rep_ms": 1}
 def graph_layer_impls():
     """(peer, ours) of the graph_layer family."""
     by_name = {i.name: i for i in REGISTRY.impls if i.family == nn_graph.FAMILY}
-    return by_name["same model, segment softmax"], by_name["gk.nn.GraphTransformerLayer"]
+    return by_name["segment softmax (torch)"], by_name["gk.graph_attention"]
 
 
 def test_graph_layer_problems_are_registered():
