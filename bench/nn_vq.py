@@ -3,7 +3,10 @@ cluster sizes and sums, commitment loss, straight-through output and its backwar
 
 Problems (issue 8): N=65,536 vectors, K=100,000 codes, D=8 (VQGAN-LC's projected codes) and
 D=256, fp32 as the quantizers run. Peer: vector-quantize-pytorch's EuclideanCodebook EMA step
-re-implemented in bench/peers/vq.py (cdist, argmax, one-hot [N, K], one_hot.T @ x). Each
+re-implemented in bench/peers/vq.py (cdist [N, K], argmax, one-hot [N, K] fp32, one_hot @ embed
+for the picked codes, one_hot.T @ x for the EMA sums). At full size its peak is about 105 GB
+(dist, and F.one_hot's int64 [N, K] beside its fp32 copy, 26 GB per fp32 [N, K]): it fits the
+H200; where it does not, the runner reports "out of memory" for it and goes on. Each
 implementation returns ``quantized + loss`` first (so backward covers the straight-through
 output and the loss) and the indices second; the check compares the first call's outputs,
 before the codebooks drift apart.

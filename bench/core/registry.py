@@ -7,6 +7,10 @@ A family module (``bench/<family>.py``) registers:
     ``forward()`` returns a tensor or a tuple of tensors. A baseline (a bare GEMM roofline,
     the nn.Linear a layer replaces) is timed and shown but is not a peer in the ratios. ``build`` may raise ``Unsupported``
     to skip a problem, and a problem's factory runs once for all its implementations.
+  - train-step problems: ``@problem(..., train_step=True)``; their ``build(inputs)`` returns a
+    ``TrainStep(forward, step)``: ``forward()`` is the model's forward (checked, timed as "fwd")
+    and ``step()`` one whole training step, zero_grad + forward + loss + backward + optimizer
+    step (timed as "fwd+bwd", and its peak memory reported).
 The first output of every implementation is compared with the first peer's by the problem's
 ``compare(ours, peer) -> str`` (e.g. "max err 3e-3" or "0 mismatches").
 """
@@ -26,6 +30,15 @@ class Problem:
     grads: tuple = ()
     compare: Optional[Callable] = None
     note: str = ""
+    train_step: bool = False
+
+
+@dataclass
+class TrainStep:
+    """What a train-step problem's build returns: forward() -> the model's output (tensor or
+    tuple), step() -> one full training step (zero_grad, forward, loss, backward, optimizer)."""
+    forward: Callable
+    step: Callable
 
 
 @dataclass
@@ -59,9 +72,10 @@ class Registry:
 REGISTRY = Registry()
 
 
-def problem(family, name, *, grads=(), compare=None, note=""):
+def problem(family, name, *, grads=(), compare=None, note="", train_step=False):
     def wrap(make):
-        REGISTRY.problems[(family, name)] = Problem(family, name, make, tuple(grads), compare, note)
+        REGISTRY.problems[(family, name)] = Problem(family, name, make, tuple(grads), compare,
+                                                    note, train_step)
         return make
     return wrap
 

@@ -29,18 +29,22 @@ def _fmt(v, spec):
 
 
 def table(rows):
-    head = (f"{'problem':<22}{'impl':<28}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MB':>10}"
+    width = max([22] + [len(r["family"] + r["problem"]) + 2 for r in rows])  # family/problem
+    head = (f"{'problem':<{width}}{'impl':<28}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MB':>10}"
             f"{'fwd x':>8}{'f+b x':>8}  check / error")
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = r["peak_bytes"] / 2**20 if r["peak_bytes"] is not None else None
         name = ("* " if r["ours"] else "~ " if r.get("baseline") else "  ") + r["impl"]
-        lines.append(f"{r['family'] + '/' + r['problem']:<22.22}{name:<28.28}"
+        lines.append(f"{r['family'] + '/' + r['problem']:<{width}}{name:<28.28}"
                      f"{_fmt(r['fwd_ms'], '10.3f')}{_fmt(r['fwd_bwd_ms'], '12.3f')}"
                      f"{_fmt(peak, '10.0f')}{_fmt(r.get('fwd_speedup'), '8.2f')}"
                      f"{_fmt(r.get('fwd_bwd_speedup'), '8.2f')}  {r['error'] or r['check']}")
     lines.append("* = gtkernels, ~ = baseline (not a peer); "
                  "'x' = best peer's time / this time (higher is faster)")
+    if any(r.get("train_step") for r in rows):
+        lines.append("train-step problems: fwd = the model's forward, fwd+bwd = one whole step "
+                     "(zero_grad, forward, loss, backward, optimizer)")
     return "\n".join(lines)
 
 

@@ -28,36 +28,45 @@ def _fwd_bwd(forward, grad_tensors, grad_out):
 
 
 def run_case(problem, impl, inputs, state, device, timing):
-    """Measures one implementation on one problem; `state` carries the peer output and grad_out."""
+    """Measures one implementation on one problem; `state` carries the peer output and grad_out.
+    For a train-step problem, "fwd" is the model's forward and "fwd+bwd" one whole step."""
     row = {"family": problem.family, "problem": problem.name, "impl": impl.name,
            "ours": impl.ours, "baseline": impl.baseline, "fwd_ms": None, "fwd_bwd_ms": None, "peak_bytes": None,
            "check": "", "error": None}
+    if problem.train_step:
+        row["train_step"] = True
     try:
-        forward = impl.build(inputs)
+        built = impl.build(inputs)
+        forward, step = (built.forward, built.step) if problem.train_step else (built, None)
         out = _first(forward())
-        if problem.compare is not None:
+        if problem.compare is not None and not impl.baseline:  # a baseline computes other things
             if "reference" not in state:
                 state["reference"] = (impl.name, out.detach())
-            elif problem.compare is not None:
+            else:
                 ref_name, ref = state["reference"]
                 row["check"] = f"{problem.compare(out.detach(), ref)} vs {ref_name}"
-        row["fwd_ms"] = time_ms(forward, device, **timing)
-        step = forward
         grad_tensors = [inputs[g] for g in problem.grads]
-        if impl.backward and grad_tensors and out.is_floating_point():
+        if step is None and impl.backward and grad_tensors and out.is_floating_point():
             if "grad_out" not in state:
                 state["grad_out"] = torch.randn_like(out)
             step = _fwd_bwd(forward, grad_tensors, state["grad_out"])
+        del out  # with its autograd graph: a large model's activations
+        row["fwd_ms"] = time_ms(forward, device, **timing)
+        if step is not None:
             row["fwd_bwd_ms"] = time_ms(step, device, **timing)
-        del out
-        row["peak_bytes"] = peak_extra_bytes(step, device)
+        row["peak_bytes"] = peak_extra_bytes(step or forward, device)
     except Unsupported as exc:
         row["error"] = f"unsupported: {exc}"
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
     except Exception as exc:  # a failing peer is a result, not a crash of the run
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-        row["trace"] = traceback.format_exc(limit=4)
+        if "out of memory" in str(exc).lower():  # e.g. a library's own allocation failing
+            row["error"] = "out of memory"
+        else:
+            first_line = str(exc).splitlines()[0][:120] if str(exc) else ""
+            row["error"] = f"{type(exc).__name__}: {first_line}"
+            row["trace"] = traceback.format_exc(limit=4)
+    built = forward = step = None  # the model, its optimizer state: freed before the next case
     _release(device)
     return row
 
@@ -88,7 +97,8 @@ def run_all(registry, device, quick, families=None, problems=None, impls=None, t
             row = run_case(problem, impl, inputs, state, device, timing)
             rows.append(row)
             log(" " + (row["error"] or f"fwd {row['fwd_ms']:.3f} ms"
-                       + (f", fwd+bwd {row['fwd_bwd_ms']:.3f} ms" if row["fwd_bwd_ms"] else "")
+                       + (f", {'train step' if problem.train_step else 'fwd+bwd'} "
+                          f"{row['fwd_bwd_ms']:.3f} ms" if row["fwd_bwd_ms"] else "")
                        + (f"; {row['check']}" if row["check"] else "")))
             if on_row is not None:
                 on_row(rows)

@@ -114,3 +114,18 @@ def dense_sdpa(inputs):
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(0, 1)
         return torch.where(has_keys, out, 0.0)
     return forward
+
+
+def segment_softmax_attention_fn(edge_index):
+    """An ``attention_fn`` for `gtkernels.nn.GraphAttention` (same signature as
+    `gtkernels.graph_attention`) that runs the segment-softmax peer over `edge_index`: the
+    edges, in construction order, of the Graph the layer is called with (held as a PyG user
+    holds them). Swapping it in changes only the attention of a model, not its parameters."""
+    def attention(q, k, v, g, *, edge_attr=None, window=0, dilation=1, global_nodes=None):
+        if window or global_nodes is not None:
+            raise Unsupported("the segment-softmax peer has no window or global nodes")
+        if g.num_edges != edge_index.shape[1]:
+            raise ValueError(f"edge_index has {edge_index.shape[1]} edges, the Graph "
+                             f"{g.num_edges}: not the edges of this Graph")
+        return segment_softmax_attention(q, k, v, edge_index, edge_attr=edge_attr)
+    return attention
