@@ -21,8 +21,9 @@ def segment_softmax_attention(q, k, v, edge_index, edge_bias=None, edge_attr=Non
     row_max = row_max.scatter_reduce(0, dst[:, None].expand(-1, h), scores.detach(), "amax")
     prob = torch.exp(scores - row_max[dst])
     denom = torch.zeros((n, h), dtype=scores.dtype, device=q.device).index_add(0, dst, prob)
-    acc = torch.zeros_like(q).index_add(0, dst, prob[..., None] * values)
-    out = acc / torch.where(denom > 0, denom, 1.0)[..., None]
+    weighted = prob[..., None] * values  # fp32 under autocast (exp runs in fp32 there)
+    acc = torch.zeros(q.shape, dtype=weighted.dtype, device=q.device).index_add(0, dst, weighted)
+    out = (acc / torch.where(denom > 0, denom, 1.0)[..., None]).to(q.dtype)
     if not return_lse:
         return out
     return out, row_max + torch.log(denom)
