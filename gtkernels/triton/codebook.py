@@ -116,18 +116,26 @@ def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, eps_ptr, cand_ptr, flag_pt
 
 
 def _prune_scan_configs(configs, named_args, **kwargs):
-    """x in registers (BLOCK_D = padded D) up to D = 256, D chunks of 32 or 64 above 64."""
+    """x in registers (BLOCK_D = padded D) up to D = 256, D chunks of 32 or 64 above 64; 128
+    lanes for k > 16 (more candidate slots); x tiles of at most 128 x 256."""
     d_pad = max(16, triton.next_power_of_2(named_args["D"]))
-    keep = [c for c in configs if (c.kwargs["BLOCK_D"] == d_pad and d_pad <= 256)
-            or (d_pad > 64 and c.kwargs["BLOCK_D"] in (32, 64))]
+    keep = [c for c in configs
+            if ((c.kwargs["BLOCK_D"] == d_pad and d_pad <= 256)
+                or (d_pad > 64 and c.kwargs["BLOCK_D"] in (32, 64)))
+            and (kwargs["K_SEL"] <= 16 or c.kwargs["LANES_"] == 128)
+            and c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"] <= 128 * 256]
     return keep or configs[:1]
 
 
+# (rows, lanes, warps): the per-lane state (best, index, runner-up) is 3 * rows * lanes values
+# in registers, at most 96 per thread.
+_SCAN_SHAPES = [(64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 32, 4), (256, 32, 8),
+                (32, 128, 4)]
 _scan_kernel_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-             for bd in (16, 32, 64, 128, 256)
-             for bn, w, st in [(64, 4, 3), (128, 8, 3), (64, 4, 2), (128, 8, 2)]],
-    key=["D", "METRIC", "K_SEL", "LANES_"],
+    configs=[triton.Config({"BLOCK_N": bn, "LANES_": lanes, "BLOCK_D": bd}, num_warps=w,
+                           num_stages=3)
+             for bd in (16, 32, 64, 128, 256) for bn, lanes, w in _SCAN_SHAPES],
+    key=["D", "METRIC", "K_SEL", "DOT_DTYPE"],
     prune_configs_by={"early_config_prune": _prune_scan_configs},
 )(_scan_kernel)
 
@@ -223,20 +231,20 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
     xs, cs, scale, res_x, res_c = scan_operands(x3, cb3)
     eps = score_bound(x3, norms, metric, res_x, res_c)
     factor = (2 * scale if metric == "l2" else scale).contiguous()
-    # Lanes (= codes per tile) hold the per-lane best in registers: 64 keeps the scan free of
-    # register spills (ptxas, sm_90a); 128 lowers lane collisions (fallback rows) for large k.
-    lanes = 64 if k <= 16 else 128
-    cand_slots = min(lanes, max(16, 2 * triton.next_power_of_2(k)))
+    # Lanes (= codes per tile, each with its best in registers): the autotuner picks 32, 64
+    # or 128, always 128 for k > 16 (fewer lane collisions, so fewer exact-fallback rows).
+    cand_slots = min(128, max(16, 2 * triton.next_power_of_2(k)))
     cand = torch.empty((num_rows, num_groups, cand_slots), device=x3.device, dtype=torch.int32)
     flag = torch.empty((num_rows, num_groups), device=x3.device, dtype=torch.int8)
     metric_id = METRIC_IDS[metric]
     args = (xs, cs, nterm.contiguous(), factor, eps, cand, flag, num_rows, num_groups,
             num_codes, dim, *xs.stride(), *cs.stride())
-    options = dict(METRIC=metric_id, K_SEL=k, DOT_DTYPE=_dot_dtype(xs.dtype), LANES_=lanes,
+    options = dict(METRIC=metric_id, K_SEL=k, DOT_DTYPE=_dot_dtype(xs.dtype),
                    CAND=cand_slots, D_PAD=max(16, triton.next_power_of_2(dim)))
     if interpreting():  # one small configuration: the interpreter is slow
         _scan_kernel[(triton.cdiv(num_rows, 16), num_groups)](
-            *args, **options, PRECISION="ieee", BLOCK_N=16, BLOCK_D=16)
+            *args, **options, PRECISION="ieee", BLOCK_N=16, BLOCK_D=16,
+            LANES_=64 if k <= 16 else 128)
     else:
         grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]), num_groups)  # noqa: E731
         _scan_kernel_tuned[grid](*args, **options, PRECISION="ieee")
