@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gtkernels.triton import HAS_TRITON, interpreting
-from utils import rel_err
+from utils import assert_bitwise_repeatable, rel_err
 
 pytestmark = pytest.mark.skipif(
     not HAS_TRITON or not (interpreting() or torch.cuda.is_available()),
@@ -111,6 +111,31 @@ def test_weighted_gather_sum_backward_kernel_without_weights(kernels):
     expected, _ = ops.weighted_gather_sum_backward(grad.cpu(), table.cpu(), idx.cpu(), None, False)
     _close(got, expected, 1e-6)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [5, 8])
+def test_weighted_gather_sum_backward_kernel_skewed_rows(kernels, dtype, B):
+    """Rows of very different lengths in one program (a hot row, unused rows), d = 70 ending
+    inside a chunk, B odd or a power of two: against float64 autograd, bitwise repeatable."""
+    from gtkernels.reference import hashing as ref
+
+    R, d, T = 9, 70, 23
+    idx = torch.randint(0, R, (T, B), device=_device())
+    idx[torch.rand(T, B, device=_device()) < 0.5] = 4
+    idx[idx == 7] = 6
+    table = torch.randn(2, R, d, dtype=dtype, device=_device())
+    weights = torch.randn(T, B, device=_device())
+    grad = torch.randn(2, T, d, dtype=dtype, device=_device())
+    got = kernels.weighted_gather_sum_backward(grad, table, idx, weights, True)
+    leaves = [table.double().requires_grad_(), weights.double().requires_grad_()]
+    expected = torch.autograd.grad(ref.weighted_gather_sum(leaves[0], idx, leaves[1]), leaves,
+                                   grad.double())
+    assert torch.equal(got[0][:, 7].cpu(), torch.zeros(2, d, dtype=dtype))
+    _close(got[0], expected[0].to(dtype), _tol(dtype))
+    _close(got[1], expected[1].float(), _tol(dtype))
+    assert_bitwise_repeatable(
+        lambda: kernels.weighted_gather_sum_backward(grad, table, idx, weights, True), runs=3)
 
 
 # On a GPU the DEVICE_PARAMS tests of test_hashing.py / test_gather_sum.py cover this path.

@@ -3,8 +3,9 @@
     python tests/triton_compile_check.py gtkernels.triton.hashing [more modules]
 
 The module lists its cases in COMPILE_CASES: (kernel name, constexpr values, argument types
-that differ from the default: "*bf16" for *_ptr arguments, "i32" for the others). Pointers and
-d get the divisibility-by-16 hint the JIT gives them at the bench sizes.
+that differ from the default: "*bf16" for *_ptr arguments, "i32" for the others[, compile
+options such as {"num_warps": 1}: 4 warps when left out]). Pointers and d get the
+divisibility-by-16 hint the JIT gives them at the bench sizes.
 """
 import importlib
 import os
@@ -13,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def compile_case(kernel, constants, arg_types):
+def compile_case(kernel, constants, arg_types, options=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -30,16 +31,17 @@ def compile_case(kernel, constants, arg_types):
         if signature[arg].startswith("*") or arg == "d":
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4, **(options or {})})
     return compiled.asm["ptx"]
 
 
 def main(module_name):
     module = importlib.import_module(module_name)
-    for name, constants, arg_types in module.COMPILE_CASES:
-        ptx = compile_case(getattr(module, name), dict(constants), arg_types)
+    for name, constants, arg_types, *options in module.COMPILE_CASES:
+        ptx = compile_case(getattr(module, name), dict(constants), arg_types, *options)
         assert "ld.global" in ptx, name
-        print(f"compiled {name} {constants}")
+        print(f"compiled {name} {constants} {options[0] if options else ''}")
 
 
 if __name__ == "__main__":

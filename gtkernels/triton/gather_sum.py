@@ -3,9 +3,10 @@ hashed_lookup, whose forward and backward are a weighted gather-sum of table row
 
 Forward: one program per (token block, table, column block) loops over the B entries of its
 bags, gathers each selected row's column slice and accumulates in fp32.
-Backward: entries (t, b) sorted by row (stable torch.sort: deterministic), then one program per
+Backward: entries (t, b) sorted by row (stable torch.sort: deterministic), then one warp per
 block of rows walks each row's entries in token order: the table gradient of each element is a
-sequential fp32 sum in a fixed order, written once, without atomics.
+sequential fp32 sum in a fixed order, written once, without atomics. The same pass computes the
+weights' gradient (dy[t] . table row, one dot per entry, reduced inside the warp).
 """
 import torch
 import triton
@@ -94,72 +95,95 @@ def weighted_gather_sum(table, idx, weights):
                        else None, None, R, out)
 
 
-# BLOCK_D comes from d alone (see _segment_block_d): it sets grad_weights' summation order.
-# BLOCK_R (rows per program) changes no sum, so the tuner may pick it.
-# BLOCK_R = 32 with 16-aligned pointers and d fails triton 3.6's layout passes ('tt.load'
-# mask/ptr type mismatch, seen on the H200): at most 16 rows per program.
-_SEGMENT_CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w)
-                    for r in (2, 4, 8, 16) for w in (4, 8)]
+# One warp per program sums BLOCK_R rows x BLOCK_D columns as a [BLOCK_R, CHUNKS, CHUNK_D]
+# tile: the 32 lanes span a chunk with 16-byte loads (CHUNK_D = 256 bf16 columns) and walk
+# whole rows. So each entry's position and weight are read once (not once per column slice),
+# its weight-gradient dot reduces inside the warp (shuffles: no shared memory, no barrier) and
+# a program's loop waits only for the longest of its few rows. BLOCK_R * BLOCK_D <= 1024 keeps
+# the fp32 accumulator and table tile at <= 32 values per thread each: 128 registers at mem-base
+# (1 x 1024), no spills on sm_90; <= 512 where a row is narrower (hashed-emb: 2 or 4 x 128).
+# BLOCK_R changes no sum, so the tuner may pick it; BLOCK_D and CHUNK_D come from d and the
+# dtype alone (see _segment_tile): they set grad_weights' summation order.
+_SEGMENT_CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=1) for r in (1, 2, 4, 8, 16, 32)]
 
 
 def _prune_segment_configs(configs, named_args, **kwargs):
-    """Tiles of 1024 to 8192 elements (fewer only where d is tiny), at most 32 per thread
-    (more spill: the tile lives in registers twice, accumulator and table rows)."""
-    block_d = kwargs["BLOCK_D"]
-    fits = [c for c in configs if c.kwargs["BLOCK_R"] * block_d <= 8192
-            and c.kwargs["BLOCK_R"] * block_d <= 32 * 32 * c.num_warps]
-    largest = max(c.kwargs["BLOCK_R"] for c in fits) * block_d
-    return [c for c in fits if c.kwargs["BLOCK_R"] * block_d >= min(1024, largest)]
+    """Rows enough for the lanes (no lane repeats another's work), few enough for registers."""
+    vector = max(1, 16 // named_args["table_ptr"].element_size())
+    rows_per_warp = max(1, 32 // max(1, kwargs["CHUNK_D"] // vector))
+    block_d = kwargs["CHUNKS"] * kwargs["CHUNK_D"]
+    most_rows = max(rows_per_warp, 512 // block_d)
+    fits = [c for c in configs if rows_per_warp <= c.kwargs["BLOCK_R"] <= most_rows]
+    return fits or configs[:1]
 
 
-@tuned(_SEGMENT_CONFIGS, key=["d", "B", "HAS_WEIGHTS", "WEIGHTS_GRAD"],
-        prune_configs_by={"early_config_prune": _prune_segment_configs})
+@tuned(_SEGMENT_CONFIGS, key=["d", "B", "HAS_WEIGHTS", "WEIGHTS_GRAD", "CHUNK_D"],
+       prune_configs_by={"early_config_prune": _prune_segment_configs})
 @triton.jit
 def _segment_sum_kernel(grad_ptr, table_ptr, order_ptr, offsets_ptr, w_ptr, grad_table_ptr,
-                        grad_w_ptr, R, B, T, d, n,
+                        grad_w_ptr, R, T, d, n, B: tl.constexpr,
                         HAS_WEIGHTS: tl.constexpr, WEIGHTS_GRAD: tl.constexpr,
-                        ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    num_d_blocks = tl.cdiv(d, BLOCK_D)
+                        ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, CHUNKS: tl.constexpr,
+                        CHUNK_D: tl.constexpr):
+    num_d_blocks = tl.cdiv(d, CHUNKS * CHUNK_D)
     m = (tl.program_id(1) // num_d_blocks).to(tl.int64)
     d_block = tl.program_id(1) % num_d_blocks
-    cols = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = (d_block * CHUNKS * CHUNK_D + tl.arange(0, CHUNKS)[None, :, None] * CHUNK_D
+            + tl.arange(0, CHUNK_D)[None, None, :])                      # [1, CHUNKS, CHUNK_D]
+    c_mask = cols < d
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     r_mask = rows < R
-    c_mask = cols < d
-    tile_mask = r_mask[:, None] & c_mask[None, :]
     start = tl.load(offsets_ptr + rows, mask=r_mask, other=0)
-    length = tl.load(offsets_ptr + rows + 1, mask=r_mask, other=0) - start
-    row_ptrs = (m * R + rows[:, None]) * d + cols[None, :]
+    length = tl.load(offsets_ptr + rows + 1, mask=r_mask, other=0) - start  # 0 past R
+    row_ptrs = (m * R + rows[:, None, None]) * d + cols
+    tile_mask = r_mask[:, None, None] & c_mask
     if WEIGHTS_GRAD:
         table_rows = tl.load(table_ptr + row_ptrs, mask=tile_mask, other=0.0,
                              eviction_policy="evict_first").to(ACC_DTYPE)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_R, CHUNKS, CHUNK_D], dtype=ACC_DTYPE)
     grad_m = grad_ptr + m * T * d
     # Entry j of every row at once; each row's entries in token order: a fixed summation order.
-    # dy rows are re-read by other rows' entries: kept in L2; table rows and ids stream once.
+    # Software-pipelined by hand: the dy rows and weights of entry j + 1 and the positions of
+    # entry j + 2 are in flight while entry j is summed. dy rows are re-read by other rows'
+    # entries: kept in L2 (evict_last); table rows stream once.
+    pos = tl.load(order_ptr + start, mask=0 < length, other=0)
+    pos_next = tl.load(order_ptr + start + 1, mask=1 < length, other=0)
+    g = tl.load(grad_m + (pos // B)[:, None, None] * d + cols,
+                mask=(0 < length)[:, None, None] & c_mask, other=0.0, eviction_policy="evict_last")
+    if HAS_WEIGHTS:
+        w = tl.load(w_ptr + pos, mask=0 < length, other=0.0)
     for j in range(0, tl.max(length, axis=0)):
-        live = j < length  # rows past R have length 0
-        p = tl.load(order_ptr + start + j, mask=live, other=0)
-        g = tl.load(grad_m + (p // B)[:, None] * d + cols[None, :],
-                    mask=live[:, None] & c_mask[None, :], other=0.0,
-                    eviction_policy="evict_last").to(ACC_DTYPE)
+        live_next = j + 1 < length
+        g_next = tl.load(grad_m + (pos_next // B)[:, None, None] * d + cols,
+                         mask=live_next[:, None, None] & c_mask, other=0.0,
+                         eviction_policy="evict_last")
+        pos_after = tl.load(order_ptr + start + j + 2, mask=j + 2 < length, other=0)
+        g32 = g.to(ACC_DTYPE)
         if HAS_WEIGHTS:
-            w = tl.load(w_ptr + p, mask=live, other=0.0)
-            acc += w.to(ACC_DTYPE)[:, None] * g
+            w_next = tl.load(w_ptr + pos_next, mask=live_next, other=0.0)
+            acc += w.to(ACC_DTYPE)[:, None, None] * g32
+            w = w_next
         else:
-            acc += g
+            acc += g32
         if WEIGHTS_GRAD:
-            partial = tl.sum(g * table_rows, axis=1)
-            tl.store(grad_w_ptr + tl.program_id(1).to(tl.int64) * n + p, partial, mask=live)
+            dot = tl.sum(tl.sum(g32 * table_rows, axis=1), axis=1)
+            tl.store(grad_w_ptr + tl.program_id(1).to(tl.int64) * n + pos, dot, mask=j < length)
+        g = g_next
+        pos = pos_next
+        pos_next = pos_after
     tl.store(grad_table_ptr + row_ptrs, acc.to(grad_table_ptr.dtype.element_ty), mask=tile_mask)
 
 
-def _segment_block_d(d):
-    """Columns per program, fixed by d alone: grad_weights' summation order is too. Up to 1024,
-    so that one program usually holds whole rows (no partial sums to add)."""
-    if interpreting():  # small tiles: d = 300 still spans two column blocks
-        return min(triton.next_power_of_2(max(d, 1)), 256)
-    return min(triton.next_power_of_2(max(d, 1)), 1024)
+def _segment_tile(d, dtype):
+    """(CHUNKS, CHUNK_D) of a program's columns, from d and the dtype alone: grad_weights'
+    summation order is too. CHUNK_D: what one warp's 32 lanes load with 16-byte vectors; up to
+    1024 columns per program, so that one program usually holds whole rows (no partial sums
+    to add). The interpreter gets small chunks, so that the tests span several."""
+    columns = triton.next_power_of_2(max(d, 1))
+    if interpreting():  # d = 300: two column blocks of 8 chunks
+        return min(columns, 256) // min(columns, 32), min(columns, 32)
+    chunk_d = min(columns, 32 * max(1, 16 // dtype.itemsize))
+    return min(columns, 1024) // chunk_d, chunk_d
 
 
 def _sort_by_row(idx, R):
@@ -185,8 +209,8 @@ def weighted_gather_sum_backward(grad, table, idx, weights, weights_grad):
     n = T * B
     grad_w_dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
     grad_table = torch.empty_like(table)
-    block_d = _segment_block_d(d)
-    num_d_blocks = triton.cdiv(d, block_d)
+    chunks, chunk_d = _segment_tile(d, table.dtype)
+    num_d_blocks = triton.cdiv(d, chunks * chunk_d)
     partial_w = torch.empty((M * num_d_blocks, n if weights_grad else 0), device=table.device,
                             dtype=grad_w_dtype)
     if grad_table.numel() > 0:
@@ -196,9 +220,9 @@ def weighted_gather_sum_backward(grad, table, idx, weights, weights_grad):
         _segment_sum_kernel[grid](
             grad, table, order, offsets,
             weights.contiguous() if weights is not None else table, grad_table,
-            partial_w if weights_grad else table, R, B, T, d, n,
+            partial_w if weights_grad else table, R, T, d, n, B=B,
             HAS_WEIGHTS=weights is not None, WEIGHTS_GRAD=weights_grad,
-            ACC_DTYPE=acc_dtype(table.dtype), BLOCK_D=block_d, **meta)
+            ACC_DTYPE=acc_dtype(table.dtype), CHUNKS=chunks, CHUNK_D=chunk_d, **meta)
     elif weights_grad:
         partial_w.zero_()
     if not weights_grad:
@@ -208,9 +232,10 @@ def weighted_gather_sum_backward(grad, table, idx, weights, weights_grad):
 
 
 # Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed): name, constexprs,
-# argument types other than bf16 pointers and int32 scalars.
+# argument types other than bf16 pointers and int32 scalars[, compile options].
 _INDEX_TYPES = {"idx_ptr": "*i32", "order_ptr": "*i64", "offsets_ptr": "*i64",
                 "w_ptr": "*fp32", "grad_w_ptr": "*fp32"}
+_ONE_WARP = {"num_warps": 1}  # as _SEGMENT_CONFIGS
 COMPILE_CASES = [
     ("_gather_sum_kernel", dict(HAS_WEIGHTS=True, HAS_BIAS=True, ACC_DTYPE=tl.float32,
                                 BLOCK_T=16, BLOCK_D=256), _INDEX_TYPES),
@@ -220,10 +245,16 @@ COMPILE_CASES = [
     # B = T = d = 1: the JIT turns integer arguments equal to 1 into constants.
     ("_gather_sum_kernel", dict(HAS_WEIGHTS=True, HAS_BIAS=True, ACC_DTYPE=tl.float32,
                                 BLOCK_T=16, BLOCK_D=32, B=1, T=1, d=1), _INDEX_TYPES),
-    ("_segment_sum_kernel", dict(HAS_WEIGHTS=True, WEIGHTS_GRAD=True, ACC_DTYPE=tl.float32,
-                                 BLOCK_R=4, BLOCK_D=1024), _INDEX_TYPES),
-    ("_segment_sum_kernel", dict(HAS_WEIGHTS=True, WEIGHTS_GRAD=True, ACC_DTYPE=tl.float32,
-                                 BLOCK_R=16, BLOCK_D=16, B=1, d=1, n=1, T=1), _INDEX_TYPES),
-    ("_segment_sum_kernel", dict(HAS_WEIGHTS=False, WEIGHTS_GRAD=False, ACC_DTYPE=tl.float32,
-                                 BLOCK_R=16, BLOCK_D=128), _INDEX_TYPES),
+    # mem-base (d = 1024, K = 128) and hashed-emb (d = 128, B = 32), bf16.
+    ("_segment_sum_kernel", dict(B=128, HAS_WEIGHTS=True, WEIGHTS_GRAD=True, ACC_DTYPE=tl.float32,
+                                 BLOCK_R=1, CHUNKS=4, CHUNK_D=256), _INDEX_TYPES, _ONE_WARP),
+    ("_segment_sum_kernel", dict(B=32, HAS_WEIGHTS=True, WEIGHTS_GRAD=True, ACC_DTYPE=tl.float32,
+                                 BLOCK_R=4, CHUNKS=1, CHUNK_D=128),
+     dict(_INDEX_TYPES, w_ptr="*bf16"), _ONE_WARP),
+    ("_segment_sum_kernel", dict(B=1, HAS_WEIGHTS=True, WEIGHTS_GRAD=True, ACC_DTYPE=tl.float32,
+                                 BLOCK_R=16, CHUNKS=1, CHUNK_D=1, d=1, n=1, T=1), _INDEX_TYPES,
+     _ONE_WARP),
+    ("_segment_sum_kernel", dict(B=3, HAS_WEIGHTS=False, WEIGHTS_GRAD=False, ACC_DTYPE=tl.float64,
+                                 BLOCK_R=2, CHUNKS=8, CHUNK_D=64),
+     dict(_INDEX_TYPES, grad_ptr="*fp64", table_ptr="*fp64", grad_table_ptr="*fp64"), _ONE_WARP),
 ]
