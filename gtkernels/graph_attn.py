@@ -1,4 +1,6 @@
 """Fused masked graph attention: node i attends over its in-neighbours only."""
+import weakref
+
 import torch
 
 from . import _validate as V
@@ -7,6 +9,9 @@ from .graph_union import union_attention
 
 MAX_HEAD_DIM = 256
 MAX_WINDOW = 2**31 - 1
+# global_nodes tensors already checked: id -> (weakref, (version, num_nodes)), so that a model
+# passing the same tensor every step pays the host sync once.
+_CHECKED_GLOBALS = {}
 
 
 def graph_attention(q, k, v, g, *, edge_bias=None, edge_attr=None, scale=None, window=0,
@@ -60,7 +65,7 @@ def graph_attention(q, k, v, g, *, edge_bias=None, edge_attr=None, scale=None, w
     _check_inputs(q, k, v, g, edge_bias, edge_attr)
     augmented = window > 0 or global_nodes is not None
     if augmented:
-        _check_augmentation(g, global_nodes)
+        _check_augmentation(q, g, global_nodes)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if g.edge_perm is not None:
@@ -76,21 +81,37 @@ def graph_attention(q, k, v, g, *, edge_bias=None, edge_attr=None, scale=None, w
     return (out, lse) if return_lse else out
 
 
-def _check_augmentation(g, global_nodes):
+def _check_augmentation(q, g, global_nodes):
     """global_nodes: 1-D index tensor on g's device, distinct, in [0, N); g coalesced. The
-    value checks need a host sync: done eagerly, skipped while torch.compile traces."""
+    value checks need a host sync: done eagerly once per tensor (and graph), skipped while
+    torch.compile traces."""
+    if q.dtype == torch.float64 and q.device.type != "cpu":
+        raise TypeError(f"q: float64 with window / global_nodes is supported on CPU only, got "
+                        f"it on {q.device}")
     if global_nodes is not None:
         V.check_tensor("global_nodes", global_nodes, dtypes=V.INDEX_DTYPES, dim=1)
         V.check_same_device(global_nodes=global_nodes, graph=g.indptr)
     if torch.compiler.is_compiling():
         return
     if global_nodes is not None:
-        V.check_index_range("global_nodes", global_nodes, g.num_nodes)
-        if torch.unique(global_nodes).numel() != global_nodes.numel():
-            raise ValueError("global_nodes must be distinct node ids (it holds duplicates)")
+        _check_global_nodes(global_nodes, g.num_nodes)
     if not g.is_coalesced():
         raise ValueError("g has duplicate edges: window / global_nodes augmentation counts "
                          "each key once and needs a coalesced graph (use g.coalesce())")
+
+
+def _check_global_nodes(global_nodes, num_nodes):
+    """Distinct ids in [0, N): one host sync per tensor (again if modified in place)."""
+    stamp = (global_nodes._version, num_nodes)
+    entry = _CHECKED_GLOBALS.get(id(global_nodes))
+    if entry is not None and entry[0]() is global_nodes and entry[1] == stamp:
+        return
+    V.check_index_range("global_nodes", global_nodes, num_nodes)
+    if torch.unique(global_nodes).numel() != global_nodes.numel():
+        raise ValueError("global_nodes must be distinct node ids (it holds duplicates)")
+    key = id(global_nodes)
+    _CHECKED_GLOBALS[key] = (weakref.ref(global_nodes, lambda _: _CHECKED_GLOBALS.pop(key, None)),
+                             stamp)
 
 
 def _check_inputs(q, k, v, g, edge_bias, edge_attr):

@@ -1,6 +1,6 @@
 """graph_attention with window / global_nodes (the adjacency + window + global union) against
 the float64 dense-mask reference: forward, lse, gradients, edge cases, registration checks and
-bad inputs. The Triton band kernels with an exclusion mask: tests/test_graph_union_triton.py."""
+bad inputs. The Triton kernels of the union's parts: tests/test_graph_union_triton.py."""
 import pytest
 import torch
 
@@ -190,6 +190,23 @@ def test_window_op_with_exclusion_passes_opcheck(device):
     torch.library.opcheck(torch.ops.gtkernels.window_attention_backward.default, bwd_args)
 
 
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("window,nodes", [(2, [1, 8]), (0, [3]), (1, None)])
+def test_union_ops_pass_opcheck(device, window, nodes):
+    n = 11
+    g, _ = union_graph(n, 30, device)
+    q, k, v, bias, attr = attention_inputs(n, g.num_edges, 2, 8, device=device, bias=True,
+                                           attr=True, requires_grad=True)
+    graph = (g.indptr, g.indices, g.csc_indptr, g.csc_indices, g.csc_edge_ids)
+    options = (0.3, window, 2, globals_tensor(nodes, device))
+    args = (*graph, q, k, v, bias, attr, *options)
+    torch.library.opcheck(torch.ops.gtkernels.graph_attention_union.default, args)
+    out, lse = (t.detach() for t in torch.ops.gtkernels.graph_attention_union(*args))
+    bwd_args = (torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(),
+                v.detach(), out, lse, *graph, bias.detach(), attr.detach(), *options)
+    torch.library.opcheck(torch.ops.gtkernels.graph_attention_union_backward.default, bwd_args)
+
+
 def bad_union_call(g=None, **changes):
     n = 6
     g = g or gk.Graph.from_edge_index(torch.tensor([[0, 1, 2], [1, 2, 3]]), num_nodes=n)
@@ -205,7 +222,7 @@ DUPLICATED = gk.Graph.from_edge_index(torch.tensor([[0, 0, 2], [1, 1, 3]]), num_
     (bad_union_call(global_nodes=torch.tensor([-1])), IndexError, "global_nodes holds -1"),
     (bad_union_call(global_nodes=torch.tensor([1.0])), TypeError, "global_nodes must have dtype"),
     (bad_union_call(global_nodes=torch.tensor([[1]])), ValueError, "global_nodes must have 1"),
-    (bad_union_call(global_nodes=torch.tensor([2, 2])), ValueError, "global_nodes must be distinct"),
+    (bad_union_call(global_nodes=torch.tensor([2, 2])), ValueError, "must be distinct"),
     (bad_union_call(window=-1), ValueError, r"window must be in \[0"),
     (bad_union_call(window=2, dilation=0), ValueError, r"dilation must be in \[1"),
     (bad_union_call(window=1.5), TypeError, "window must be an int"),

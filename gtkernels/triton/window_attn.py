@@ -359,3 +359,4 @@ def window_attention_forward(q, k, v, window, dilation, num_global, causal, scal
     if num_global > 0:
         _global_query_forward(q, k, v, out, lse, num_global, causal, qk_scale, block_d)
     return out, lse
+

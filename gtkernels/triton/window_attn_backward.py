@@ -214,8 +214,8 @@ def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
         else:
             dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N,
                                     H, lo, hi, hi, r, dilation, stride_n, cols, D, query_lb,
-                                    query_ub, offs_n, exclude_ptr,
-                                    exclude_stride, exclude_center, qk_scale, True, HAS_EXCLUDE, DOT_PRECISION,
+                                    query_ub, offs_n, exclude_ptr, exclude_stride,
+                                    exclude_center, qk_scale, True, HAS_EXCLUDE, DOT_PRECISION,
                                     BLOCK_M)
         if not CAUSAL:  # a causal global query i < G sees no key j >= G
             for start in range(0, num_global, BLOCK_M):
@@ -383,3 +383,4 @@ def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dil
     if num_global > 0:
         _global_backward(q, k, v, grad_out, lse, delta, grads, num_global, causal, scale, block_d)
     return grads
+

@@ -57,12 +57,10 @@ void window_attention_rows(const scalar_t* q, const scalar_t* k, const scalar_t*
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& q_in,
-                                                        const at::Tensor& k_in,
-                                                        const at::Tensor& v_in, int64_t window,
-                                                        int64_t dilation, int64_t num_global,
-                                                        bool causal, double scale,
-                                                        const std::optional<at::Tensor>& exclude_in) {
+std::tuple<at::Tensor, at::Tensor> window_attention_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, int64_t window,
+    int64_t dilation, int64_t num_global, bool causal, double scale,
+    const std::optional<at::Tensor>& exclude_in) {
   GTK_CHECK_DIM(q_in, 4);
   GTK_CHECK_FLOATING(q_in);
   TORCH_CHECK(k_in.sizes() == q_in.sizes() && v_in.sizes() == q_in.sizes(),
