@@ -11,7 +11,7 @@ from bench.peers import graph_attn as peers
 
 FAMILY = "graph_attn"
 GRADS = ("q", "k", "v")
-MESHES = ["mesh300k", "mesh300k-wide", "mesh300k-shuffled"]
+MESHES = ["mesh300k", "mesh300k-wide", "mesh300k-shuffled", "mesh300k-rcm"]
 
 
 def max_rel_err(ours, peer):
@@ -77,6 +77,15 @@ def mesh300k_wide(device, quick):
          note="random node permutation")
 def mesh300k_shuffled(device, quick):
     return mesh(device, quick, shuffle=True)
+
+
+@problem(FAMILY, "mesh300k-rcm", grads=GRADS, compare=max_rel_err,
+         note="mesh300k-shuffled renumbered by Graph.reorder('rcm') (reorder not timed)")
+def mesh300k_rcm(device, quick):
+    inputs = mesh(device, quick, shuffle=True)
+    graph, _ = inputs["graph"].reorder("rcm")
+    inputs.update(graph=graph, edge_index=graph.edge_index())
+    return inputs
 
 
 @problem(FAMILY, "powerlaw1m", grads=GRADS, compare=max_rel_err,

@@ -38,6 +38,7 @@ class Graph:
         self.csc_indptr = csc_indptr
         self.csc_indices = csc_indices
         self.csc_edge_ids = csc_edge_ids
+        self._coalesced = None  # is_coalesced(), computed on first use
 
     @property
     def num_edges(self):
@@ -129,7 +130,18 @@ class Graph:
                            torch.repeat_interleave(torch.arange(self.num_nodes, device=self.device),
                                                    self.indptr.diff())])
         pairs = torch.unique(key.flip(0), dim=1).flip(0)  # sorted by (destination, source)
-        return Graph._from_sorted(self.num_nodes, pairs[0], pairs[1], None)
+        graph = Graph._from_sorted(self.num_nodes, pairs[0], pairs[1], None)
+        graph._coalesced = True
+        return graph
+
+    def is_coalesced(self):
+        """True when no (source, destination) pair occurs twice. One host sync, then cached."""
+        if self._coalesced is None:
+            dst = torch.repeat_interleave(torch.arange(self.num_nodes, device=self.device),
+                                          self.indptr.diff())
+            keys = torch.sort(dst * self.num_nodes + self.indices.long()).values
+            self._coalesced = not bool((keys[1:] == keys[:-1]).any())
+        return self._coalesced
 
     def add_self_loops(self):
         """A new Graph with an edge i -> i appended for every node (after the existing edges, in

@@ -71,7 +71,7 @@ def _check_inputs(q, k, v, window, dilation, num_global, scale):
 
 
 @torch.library.register_fake("gtkernels::window_attention")
-def _window_attention_fake(q, k, v, window, dilation, num_global, causal, scale):
+def _window_attention_fake(q, k, v, window, dilation, num_global, causal, scale, exclude=None):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty(q.shape[:-1], dtype=lse_dtype)
@@ -79,22 +79,22 @@ def _window_attention_fake(q, k, v, window, dilation, num_global, causal, scale)
 
 @torch.library.register_fake("gtkernels::window_attention_backward")
 def _window_attention_backward_fake(grad_out, grad_lse, q, k, v, out, lse, window, dilation,
-                                    num_global, causal, scale):
+                                    num_global, causal, scale, exclude=None):
     return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window, dilation, num_global, causal, scale = inputs
+    q, k, v, window, dilation, num_global, causal, scale, *exclude = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, *exclude)
     ctx.options = (window, dilation, num_global, causal, scale)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, *exclude = ctx.saved_tensors
     grad_q, grad_k, grad_v = torch.ops.gtkernels.window_attention_backward(
-        grad_out, grad_lse, q, k, v, out, lse, *ctx.options)
-    return grad_q, grad_k, grad_v, None, None, None, None, None
+        grad_out, grad_lse, q, k, v, out, lse, *ctx.options, *exclude)
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None
 
 
 torch.library.register_autograd("gtkernels::window_attention", _backward,

@@ -270,15 +270,6 @@ def test_int64_indices(device):
         assert torch.equal(a, b)
 
 
-def test_window_and_global_nodes_not_implemented():
-    g = gk.Graph.from_edge_index(random_edge_index(4, 6), num_nodes=4)
-    q = torch.randn(4, 1, 8)
-    with pytest.raises(NotImplementedError):
-        gk.graph_attention(q, q, q, g, window=2)
-    with pytest.raises(NotImplementedError):
-        gk.graph_attention(q, q, q, g, global_nodes=torch.tensor([0]))
-
-
 def bad_call(n=6, e=10, h=2, d=8, **changes):
     g = gk.Graph.from_edge_index(random_edge_index(n, e), num_nodes=n)
     args = dict(zip("qkv", attention_inputs(n, e, h, d)[:3]))

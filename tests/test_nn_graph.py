@@ -92,13 +92,24 @@ def test_float32_layer_on_device_within_tolerance_of_float64(device):
         assert_within_tolerance(o.cpu(), r64, r32, floor=1e-5, name=name)
 
 
-def test_window_and_global_nodes_raise_until_union_exists():
+@pytest.mark.parametrize("edge_dim", [None, EDGE_DIM])
+def test_attention_with_window_and_globals_matches_dense_union(edge_dim):
+    x, edge_index, edge_attr = make_inputs(edge_dim)
+    layer = gk.nn.GraphAttention(DIM, HEADS, edge_dim=edge_dim, window=2, dilation=3).double()
+    globals_ = torch.tensor([4, 9])
+    out = layer(x, gk.Graph.from_edge_index(edge_index, N), edge_attr, global_nodes=globals_)
+    extra = window_global_mask(N, 2, 3, globals_)
+    close(out, dense_graph_attention(layer, x, edge_index, edge_attr, extra_mask=extra)[0])
+
+
+def test_transformer_layer_with_window_and_globals_matches_dense_union():
     x, edge_index, _ = make_inputs()
     g = gk.Graph.from_edge_index(edge_index, N)
-    with pytest.raises(NotImplementedError, match=r"GraphAttention\(window=2.*union"):
-        gk.nn.GraphAttention(DIM, HEADS, window=2).double()(x, g)
-    with pytest.raises(NotImplementedError, match="global_nodes given: True"):
-        gk.nn.GraphAttention(DIM, HEADS).double()(x, g, global_nodes=torch.tensor([0, 5]))
+    layer = gk.nn.GraphTransformerLayer(DIM, HEADS, window=2, dilation=3, pre_norm=True).double()
+    globals_ = torch.tensor([4, 9])
+    out = layer(x, g, global_nodes=globals_)
+    layer.attn.attention_fn = dense_union_attention
+    close(out, layer(x, g, global_nodes=globals_))
 
 
 def dense_union_attention(q, k, v, g, *, edge_attr=None, window=0, dilation=1, global_nodes=None):

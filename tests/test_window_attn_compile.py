@@ -3,6 +3,7 @@
 The interpreter does not catch everything the GPU compiler rejects (e.g. non-constexpr globals
 in kernels), so every kernel is also compiled ahead of time for sm_90 here, in a subprocess
 without TRITON_INTERPRET (under the interpreter kernels are not compilable objects)."""
+import itertools
 import os
 import subprocess
 import sys
@@ -27,6 +28,8 @@ def compile_for_sm90(kernel, dtype, constexprs, num_warps, num_stages):
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name == "exclude_ptr":
+            signature[name] = "*u8"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in FP32_POINTERS else f"*{dtype}"
         else:
@@ -42,9 +45,10 @@ def compile_all():
 
     band = {fwd._band_forward_kernel: (128, 64, 8, 3), bwd._band_dq_kernel: (128, 64, 8, 3),
             bwd._band_dkdv_kernel: (64, 128, 8, 3)}
-    for kernel, (block_m, block_n, warps, stages) in band.items():
-        consts = dict(CAUSAL=False, DOT_PRECISION="tf32", BLOCK_D=64, BLOCK_M=block_m,
-                      BLOCK_N=block_n)
+    for (kernel, (block_m, block_n, warps, stages)), exclude in itertools.product(
+            band.items(), (False, True)):  # with an exclusion mask: graph_attention's union
+        consts = dict(CAUSAL=False, HAS_EXCLUDE=exclude, DOT_PRECISION="tf32", BLOCK_D=64,
+                      BLOCK_M=block_m, BLOCK_N=block_n)
         if kernel is bwd._band_dq_kernel:
             consts["HAS_GRAD_LSE"] = True
         compiled = compile_for_sm90(kernel, "bf16", consts, warps, stages)

@@ -44,51 +44,58 @@ def transformer_conv(inputs):
     return forward
 
 
-def flex_tile_bitmap(inputs):
-    """FlexAttention: a block mask of the non-empty 128 x 128 tiles and an exact mask_mod
-    reading a per-tile bitmap. Duplicate edges count once (a mask is a set)."""
-    q, k, v, edge_index = (inputs[n] for n in ("q", "k", "v", "edge_index"))
-    if q.device.type != "cuda":
-        raise Unsupported("FlexAttention peer runs on CUDA only")
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-    n, h, d = q.shape
+def edge_tile_bitmap(edge_index, n):
+    """The non-empty 128 x 128 tiles of the adjacency (keys q_block * blocks + kv_block, sorted)
+    and has_edge(q_idx, kv_idx), an exact lookup in per-tile bitmaps for a mask_mod."""
     blocks = (n + TILE - 1) // TILE
     if blocks * blocks > MAX_TILE_TABLE:
         raise Unsupported(f"tile table of {blocks}^2 entries is too large")
     src, dst = edge_index[0].long(), edge_index[1].long()
-    tile_key = (dst // TILE) * blocks + src // TILE
-    tiles, tile_of_edge = torch.unique(tile_key, return_inverse=True)
+    tiles, tile_of_edge = torch.unique((dst // TILE) * blocks + src // TILE, return_inverse=True)
     if tiles.numel() * TILE * TILE > MAX_BITMAP_BYTES:
         raise Unsupported(f"bitmaps of {tiles.numel()} tiles exceed {MAX_BITMAP_BYTES >> 30} GB")
-    bitmap = torch.zeros(tiles.numel(), TILE, TILE, dtype=torch.bool, device=q.device)
+    bitmap = torch.zeros(tiles.numel(), TILE, TILE, dtype=torch.bool, device=src.device)
     bitmap[tile_of_edge, dst % TILE, src % TILE] = True
-    tile_id = torch.full((blocks * blocks,), -1, dtype=torch.int32, device=q.device)
-    tile_id[tiles] = torch.arange(tiles.numel(), dtype=torch.int32, device=q.device)
+    tile_id = torch.full((blocks * blocks,), -1, dtype=torch.int32, device=src.device)
+    tile_id[tiles] = torch.arange(tiles.numel(), dtype=torch.int32, device=src.device)
     tile_id = tile_id.view(blocks, blocks)
 
-    q_block, kv_block = tiles // blocks, tiles % blocks  # tiles sorted by (q block, kv block)
-    kv_num_blocks = torch.bincount(q_block, minlength=blocks)
-    row_start = torch.cumsum(kv_num_blocks, 0) - kv_num_blocks
-    rank = torch.arange(tiles.numel(), device=q.device) - row_start[q_block]
-    kv_indices = torch.zeros(blocks, int(kv_num_blocks.max()), dtype=torch.int32,
-                             device=q.device)
-    kv_indices[q_block, rank] = kv_block.to(torch.int32)
-
-    def mask_mod(b, head, q_idx, kv_idx):
+    def has_edge(q_idx, kv_idx):
         tid = tile_id[q_idx // TILE, kv_idx // TILE]
         return (tid >= 0) & bitmap[tid.clamp(min=0), q_idx % TILE, kv_idx % TILE]
+    return tiles, has_edge
 
-    block_mask = BlockMask.from_kv_blocks(kv_num_blocks.to(torch.int32)[None, None],
-                                          kv_indices[None, None], BLOCK_SIZE=TILE,
-                                          mask_mod=mask_mod, seq_lengths=(n, n))
+
+def tile_block_mask(tiles, n, mask_mod):
+    """FlexAttention BlockMask visiting `tiles` (sorted distinct q_block * blocks + kv_block)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    blocks = (n + TILE - 1) // TILE
+    q_block, kv_block = tiles // blocks, tiles % blocks  # sorted by (q block, kv block)
+    kv_num_blocks = torch.bincount(q_block, minlength=blocks)
+    row_start = torch.cumsum(kv_num_blocks, 0) - kv_num_blocks
+    rank = torch.arange(tiles.numel(), device=tiles.device) - row_start[q_block]
+    # kv_indices must be [q blocks, kv blocks]: BlockMask transposes it for the backward by
+    # scattering the ids into a table of its last dim (a narrower table indexes out of bounds).
+    kv_indices = torch.zeros(blocks, blocks, dtype=torch.int32, device=tiles.device)
+    kv_indices[q_block, rank] = kv_block.to(torch.int32)
+    return BlockMask.from_kv_blocks(kv_num_blocks.to(torch.int32)[None, None],
+                                    kv_indices[None, None], BLOCK_SIZE=TILE,
+                                    mask_mod=mask_mod, seq_lengths=(n, n))
+
+
+def compiled_flex(q, k, v, block_mask):
+    """forward() of compiled flex_attention on [N, H, D] inputs, run forward and backward once:
+    a failure here means unsupported."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     attend = torch.compile(flex_attention)
 
     def forward():
         qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         return attend(qt, kt, vt, block_mask=block_mask)[0].transpose(0, 1)
 
-    try:  # compile and run forward and backward once: a failure means unsupported here
+    try:
         out = forward()
         leaves = [t for t in (q, k, v) if t.requires_grad]
         if leaves:
@@ -96,6 +103,46 @@ def flex_tile_bitmap(inputs):
     except Exception as exc:
         raise Unsupported(f"FlexAttention failed: {type(exc).__name__}: {str(exc)[:80]}") from exc
     return forward
+
+
+def flex_tile_bitmap(inputs):
+    """FlexAttention: a block mask of the non-empty 128 x 128 tiles and an exact mask_mod
+    reading a per-tile bitmap. Duplicate edges count once (a mask is a set)."""
+    q, k, v, edge_index = (inputs[n] for n in ("q", "k", "v", "edge_index"))
+    if q.device.type != "cuda":
+        raise Unsupported("FlexAttention peer runs on CUDA only")
+    tiles, has_edge = edge_tile_bitmap(edge_index, q.shape[0])
+    mask = tile_block_mask(tiles, q.shape[0], lambda b, h, q_idx, kv_idx: has_edge(q_idx, kv_idx))
+    return compiled_flex(q, k, v, mask)
+
+
+def flex_union(inputs):
+    """FlexAttention of graph_attention's union: the adjacency tiles with their bitmaps OR the
+    dilated band OR the global nodes (rows and columns), over the tiles any of them touches."""
+    q, k, v, edge_index = (inputs[n] for n in ("q", "k", "v", "edge_index"))
+    window, dilation, glob = inputs["window"], inputs["dilation"], inputs["global_nodes"]
+    if q.device.type != "cuda":
+        raise Unsupported("FlexAttention peer runs on CUDA only")
+    n = q.shape[0]
+    blocks = (n + TILE - 1) // TILE
+    edge_tiles, has_edge = edge_tile_bitmap(edge_index, n)
+    every = torch.arange(blocks, device=q.device)
+    reach = (window * dilation + TILE - 1) // TILE
+    band = (every[:, None] + torch.arange(-reach, reach + 1, device=q.device)[None, :])
+    band_tiles = (every[:, None] * blocks + band)[(band >= 0) & (band < blocks)]
+    glob_blocks = torch.unique(glob // TILE)
+    global_tiles = torch.cat([(every[:, None] * blocks + glob_blocks[None, :]).flatten(),
+                              (glob_blocks[:, None] * blocks + every[None, :]).flatten()])
+    tiles = torch.unique(torch.cat([edge_tiles, band_tiles, global_tiles]))
+    is_global = torch.zeros(blocks * TILE, dtype=torch.bool, device=q.device)  # padded rows
+    is_global[glob] = True
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        diff = kv_idx - q_idx
+        in_band = (diff % dilation == 0) & (diff.abs() <= window * dilation)
+        return has_edge(q_idx, kv_idx) | in_band | is_global[q_idx] | is_global[kv_idx]
+
+    return compiled_flex(q, k, v, tile_block_mask(tiles, n, mask_mod))
 
 
 def dense_sdpa(inputs):

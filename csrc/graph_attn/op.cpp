@@ -22,4 +22,23 @@ TORCH_LIBRARY_FRAGMENT(gtkernels, m) {
       "Tensor v, Tensor out, Tensor lse, Tensor indptr, Tensor indices, Tensor csc_indptr, "
       "Tensor csc_indices, Tensor csc_edge_ids, Tensor? edge_bias, Tensor? edge_attr, "
       "float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // graph_attention over the union of each node's in-edges, the dilated window (window > 0:
+  // keys i + t * dilation, |t| <= window) and the global nodes (int64 [G]; they attend every
+  // node; None: none), each key once; edge_bias / edge_attr apply to edge keys. The graph
+  // must be coalesced, global_nodes distinct in [0, N). Returns out [N, H, D] and lse [N, H]
+  // like graph_attention. Kernels: Python (gtkernels/graph_union.py), composed of the graph
+  // and window kernels and, on CUDA, gtkernels/triton/graph_union.py.
+  m.def(
+      "graph_attention_union(Tensor indptr, Tensor indices, Tensor csc_indptr, "
+      "Tensor csc_indices, Tensor csc_edge_ids, Tensor q, Tensor k, Tensor v, Tensor? edge_bias, "
+      "Tensor? edge_attr, float scale, int window, int dilation, Tensor? global_nodes) "
+      "-> (Tensor, Tensor)");
+  // Gradients of graph_attention_union: dq, dk, dv, d_edge_bias, d_edge_attr as for
+  // graph_attention_backward.
+  m.def(
+      "graph_attention_union_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, "
+      "Tensor v, Tensor out, Tensor lse, Tensor indptr, Tensor indices, Tensor csc_indptr, "
+      "Tensor csc_indices, Tensor csc_edge_ids, Tensor? edge_bias, Tensor? edge_attr, "
+      "float scale, int window, int dilation, Tensor? global_nodes) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -80,16 +80,8 @@ class GraphAttention(nn.Module):
         n, h, d = x.shape[0], self.heads, self.head_dim
         q, k, v = self.qkv(x).view(n, 3, h, d).unbind(1)
         edge_feat = self._project_edges(edge_attr, g.num_edges)
-        try:
-            out = self.attention_fn(q, k, v, g, edge_attr=edge_feat, window=self.window,
-                                    dilation=self.dilation, global_nodes=global_nodes)
-        except NotImplementedError as exc:
-            if not self.window and global_nodes is None:
-                raise
-            raise NotImplementedError(
-                f"GraphAttention(window={self.window}, global_nodes given: "
-                f"{global_nodes is not None}) needs the adjacency + window/global union of "
-                f"gtkernels.graph_attention, which this build lacks ({exc})") from exc
+        out = self.attention_fn(q, k, v, g, edge_attr=edge_feat, window=self.window,
+                                dilation=self.dilation, global_nodes=global_nodes)
         out = self.out_proj(out.reshape(n, self.dim))
         if not return_edge_scores:
             return out

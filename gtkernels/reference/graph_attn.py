@@ -42,3 +42,44 @@ def dense_masked_attention(q, k, v, edge_index, scale=None):
     has_keys = counts.sum(1) > 0
     prob = torch.softmax(torch.where(has_keys[:, None], scores, 0.0), dim=-1) * has_keys[:, None]
     return torch.einsum("hij,jhd->ihd", prob, v)
+
+
+def union_key_mask(n, edge_index, window=0, dilation=1, global_nodes=None, device=None):
+    """bool [N, N]: mask[i, j] when j is a key of i in graph_attention's augmented set: an
+    edge j -> i, j = i + t * dilation with |t| <= window (window > 0), or i or j global."""
+    mask = torch.zeros(n, n, dtype=torch.bool, device=device)
+    mask[edge_index[1].long(), edge_index[0].long()] = True
+    if window > 0:
+        diff = torch.arange(n, device=device)[None, :] - torch.arange(n, device=device)[:, None]
+        mask |= (diff % dilation == 0) & (diff.abs() <= window * dilation)
+    if global_nodes is not None:
+        mask[:, global_nodes.long()] = True
+        mask[global_nodes.long(), :] = True
+    return mask
+
+
+def dense_union_attention(q, k, v, edge_index, edge_bias=None, edge_attr=None, scale=None,
+                          window=0, dilation=1, global_nodes=None):
+    """Dense [H, N, N] reference of the augmented graph attention (distinct edges): scores
+    scale * q_i . k_j on every key of union_key_mask, plus scale * q_i . edge_attr_e +
+    edge_bias_e on edge keys, whose values get + edge_attr_e. Returns (out [N, H, D],
+    lse [N, H]); rows without keys give 0 and -inf."""
+    n, h, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    src, dst = edge_index[0].long(), edge_index[1].long()
+    scores = torch.einsum("ihd,jhd->hij", q, k) * scale
+    edge_scores = torch.zeros(src.numel(), h, dtype=q.dtype, device=q.device)
+    if edge_attr is not None:
+        edge_scores = edge_scores + (q[dst] * edge_attr).sum(-1) * scale
+    if edge_bias is not None:
+        edge_scores = edge_scores + edge_bias
+    extra = torch.zeros_like(scores).index_put((torch.arange(h)[:, None], dst[None], src[None]),
+                                               edge_scores.T)
+    mask = union_key_mask(n, edge_index, window, dilation, global_nodes, q.device)
+    scores = (scores + extra).masked_fill(~mask, float("-inf"))
+    has_keys = mask.any(1)
+    prob = torch.softmax(torch.where(has_keys[:, None], scores, 0.0), -1) * has_keys[:, None]
+    out = torch.einsum("hij,jhd->ihd", prob, v)
+    if edge_attr is not None:
+        out = out.index_add(0, dst, prob[:, dst, src].T[..., None] * edge_attr)
+    return out, torch.logsumexp(scores, -1).T

@@ -117,16 +117,42 @@ def attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, MASKED: tl.constexpr,
 
 
 @triton.jit
+def band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE: tl.constexpr):
+    """[M, N] mask of the band keys offs_n of each query row: inside [key_lb, key_ub] and, with
+    HAS_EXCLUDE, not dropped: excl_rows [M] points at the exclusion byte of key position 0 of
+    each row (rows outside the sequence must have an empty range)."""
+    valid = (offs_n[None, :] >= key_lb[:, None]) & (offs_n[None, :] <= key_ub[:, None])
+    if HAS_EXCLUDE:
+        dropped = tl.load(excl_rows[:, None] + offs_n[None, :], mask=valid, other=1)
+        valid = valid & (dropped == 0)
+    return valid
+
+
+@triton.jit
+def exclusion_rows(exclude_ptr, rows_m, offs_m, row_ok, key_ub, exclude_stride, exclude_center,
+                   HAS_EXCLUDE: tl.constexpr):
+    """(excl_rows, key_ub) for band_valid: with HAS_EXCLUDE, the pointer of each query row's
+    exclusion byte for key position 0 (exclude[i, t + center] with t = key - query position),
+    and key_ub emptied on rows outside the sequence so that nothing is read there."""
+    if HAS_EXCLUDE:
+        excl_rows = (exclude_ptr + rows_m.to(tl.int64) * exclude_stride
+                     + (exclude_center - offs_m))
+        return excl_rows, tl.where(row_ok, key_ub, -1)
+    return exclude_ptr + 0 * offs_m, key_ub
+
+
+@triton.jit
 def attend_band_span(acc, m_i, l_i, q, k_ptr, v_ptr, start, end, hi, r, dilation, stride_n,
-                     cols, D, key_lb, key_ub, qk_scale, MASKED: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                     cols, D, key_lb, key_ub, excl_rows, qk_scale, MASKED: tl.constexpr,
+                     HAS_EXCLUDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     """attend_tile over the band key tiles start, start + BLOCK_N, ... < end (keys < hi)."""
     for tile in range(start, end, BLOCK_N):
         offs_n = tile + tl.arange(0, BLOCK_N)
         rows_n = r + offs_n * dilation
         k = load_rows(k_ptr, rows_n, offs_n < hi, stride_n, cols, D)
         v = load_rows(v_ptr, rows_n, offs_n < hi, stride_n, cols, D)
-        valid = (offs_n[None, :] >= key_lb[:, None]) & (offs_n[None, :] <= key_ub[:, None])
+        valid = band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE)
         acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, MASKED,
                                     DOT_PRECISION)
     return acc, m_i, l_i
@@ -134,9 +160,10 @@ def attend_band_span(acc, m_i, l_i, q, k_ptr, v_ptr, start, end, hi, r, dilation
 
 @band_autotune([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3)])
 @triton.jit
-def _band_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, stride_b, stride_n, stride_h,
-                         N, H, D, window, dilation, num_global, qk_scale,
-                         CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _band_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, exclude_ptr, stride_b, stride_n,
+                         stride_h, N, H, D, window, dilation, num_global, exclude_stride,
+                         exclude_center, qk_scale, CAUSAL: tl.constexpr,
+                         HAS_EXCLUDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     p0, r, b, h, length = band_program(N, H, dilation, BLOCK_M)
     first_band = first_band_position(num_global, r, dilation)
@@ -153,24 +180,31 @@ def _band_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, stride_b, stride
         lo = tl.maximum(p0 - window, first_band)
         hi = tl.minimum(p0 + BLOCK_M + (0 if CAUSAL else window), length)
         key_lb, key_ub = band_bounds(offs_m, window, hi, CAUSAL)
+        excl_rows, key_ub = exclusion_rows(exclude_ptr, rows_m, offs_m, offs_m < length, key_ub,
+                                           exclude_stride, exclude_center, HAS_EXCLUDE)
         mid_lo, mid_hi = interior_split(lo, hi, p0 + BLOCK_M - 1 - window,
                                         p0 + 1 + (0 if CAUSAL else window), BLOCK_N)
         k_base = k_ptr + base
         v_base = v_ptr + base
-        if mid_hi - mid_lo >= MIN_INTERIOR_TILES * BLOCK_N:
+        # With exclusions every tile is masked: no unmasked interior.
+        if (not HAS_EXCLUDE) and (mid_hi - mid_lo >= MIN_INTERIOR_TILES * BLOCK_N):
             acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, lo, mid_lo, hi,
                                              r, dilation, stride_n, cols, D, key_lb, key_ub,
-                                             qk_scale, True, DOT_PRECISION, BLOCK_N)
+                                             excl_rows, qk_scale, True, HAS_EXCLUDE,
+                                             DOT_PRECISION, BLOCK_N)
             acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, mid_lo, mid_hi,
                                              hi, r, dilation, stride_n, cols, D, key_lb, key_ub,
-                                             qk_scale, False, DOT_PRECISION, BLOCK_N)
+                                             excl_rows, qk_scale, False, HAS_EXCLUDE,
+                                             DOT_PRECISION, BLOCK_N)
             acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, mid_hi, hi, hi,
                                              r, dilation, stride_n, cols, D, key_lb, key_ub,
-                                             qk_scale, True, DOT_PRECISION, BLOCK_N)
+                                             excl_rows, qk_scale, True, HAS_EXCLUDE,
+                                             DOT_PRECISION, BLOCK_N)
         else:
             acc, m_i, l_i = attend_band_span(acc, m_i, l_i, q, k_base, v_base, lo, hi, hi, r,
                                              dilation, stride_n, cols, D, key_lb, key_ub,
-                                             qk_scale, True, DOT_PRECISION, BLOCK_N)
+                                             excl_rows, qk_scale, True, HAS_EXCLUDE,
+                                             DOT_PRECISION, BLOCK_N)
         for start in range(0, num_global, BLOCK_N):
             offs_j = start + tl.arange(0, BLOCK_N)
             k = load_rows(k_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
@@ -295,22 +329,34 @@ def _global_query_forward(q, k, v, out, lse, num_global, causal, qk_scale, block
     lse[:, :num_global] = lse_global
 
 
-def window_attention_forward(q, k, v, window, dilation, num_global, causal, scale):
-    """q, k, v [B, N, H, D] fp32/fp16/bf16 on a GPU (or CPU under the interpreter) ->
-    (out [B, N, H, D] in q's dtype, lse [B, N, H] fp32)."""
+def exclusion_args(exclude, window, placeholder):
+    """(tensor, row stride, centre column) of the optional exclusion mask [N, 2 * window + 1]
+    for the band kernels (`placeholder`, never read, when None)."""
+    if exclude is None:
+        return placeholder, 0, 0
+    return exclude.contiguous().view(torch.uint8), 2 * window + 1, window
+
+
+def window_attention_forward(q, k, v, window, dilation, num_global, causal, scale,
+                             exclude=None):
+    """q, k, v [B, N, H, D] fp32/fp16/bf16 on a GPU (or CPU under the interpreter), exclude
+    None or bool [N, 2 * window + 1] -> (out [B, N, H, D] in q's dtype, lse [B, N, H] fp32)."""
     batch, n, heads, dim = q.shape
     out = q.new_empty((batch, n, heads, dim))
     lse = q.new_empty((batch, n, heads), dtype=torch.float32)
     if q.numel() == 0:
         return out, lse
     q, k, v = prepare_inputs(q, k, v)
+    exclude, exclude_stride, exclude_center = exclusion_args(exclude, window, lse)
     window, dilation = effective_window(n, window, dilation)
     block_d = max(16, triton.next_power_of_2(dim))
     qk_scale = scale * LOG2E
     _band_forward_kernel[band_grid(batch * heads, n, dilation, "BLOCK_M")](
-        q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), n, heads, dim, window,
-        dilation, num_global, qk_scale, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
+        q, k, v, out, lse, exclude, q.stride(0), q.stride(1), q.stride(2), n,
+        heads, dim, window, dilation, num_global, exclude_stride, exclude_center, qk_scale,
+        CAUSAL=causal, HAS_EXCLUDE=exclude_stride > 0, DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_D=block_d)
     if num_global > 0:
         _global_query_forward(q, k, v, out, lse, num_global, causal, qk_scale, block_d)
     return out, lse
+

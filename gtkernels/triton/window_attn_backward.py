@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from .window_attn import (LOG2E, LOG2E_K, band_autotune, band_bounds, band_grid,
-                          band_program, dot_precision, effective_window, first_band_position,
+                          band_program, band_valid, dot_precision, effective_window,
+                          exclusion_args, exclusion_rows, first_band_position,
                           MIN_INTERIOR_TILES, global_blocks, interior_split, load_rows,
                           prepare_inputs, split_count)
 
@@ -59,25 +60,29 @@ def load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows, row_ok):
 
 @triton.jit
 def dq_band_span(dq, q, do, lse2, delta, k_ptr, v_ptr, start, end, hi, r, dilation, stride_n,
-                 cols, D, key_lb, key_ub, qk_scale, MASKED: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                 cols, D, key_lb, key_ub, excl_rows, qk_scale, MASKED: tl.constexpr,
+                 HAS_EXCLUDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     """dq_tile over the band key tiles start, start + BLOCK_N, ... < end (keys < hi)."""
     for tile in range(start, end, BLOCK_N):
         offs_n = tile + tl.arange(0, BLOCK_N)
         rows_n = r + offs_n * dilation
         k = load_rows(k_ptr, rows_n, offs_n < hi, stride_n, cols, D)
         v = load_rows(v_ptr, rows_n, offs_n < hi, stride_n, cols, D)
-        valid = (offs_n[None, :] >= key_lb[:, None]) & (offs_n[None, :] <= key_ub[:, None])
+        valid = band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE)
         dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, MASKED, DOT_PRECISION)
     return dq
 
 
 @triton.jit
 def dkdv_band_span(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, N, H, start, end, hi,
-                   r, dilation, stride_n, cols, D, query_lb, query_ub, qk_scale,
-                   MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+                   r, dilation, stride_n, cols, D, query_lb, query_ub, offs_n, exclude_ptr,
+                   exclude_stride, exclude_center, qk_scale, MASKED: tl.constexpr,
+                   HAS_EXCLUDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
     """dkdv_tile over the band query tiles start, start + BLOCK_M, ... < end (queries < hi);
-    q_ptr is offset to (b, h), do_ptr to (b, h) of the contiguous [B, N, H, D] gradient."""
+    q_ptr is offset to (b, h), do_ptr to (b, h) of the contiguous [B, N, H, D] gradient;
+    offs_n are the key positions (for the exclusion mask)."""
     for tile in range(start, end, BLOCK_M):
         offs_m = tile + tl.arange(0, BLOCK_M)
         rows_m = r + offs_m * dilation
@@ -86,6 +91,10 @@ def dkdv_band_span(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, N, H, 
         do = load_rows(do_ptr, rows_m, q_ok, H * D, cols, D)
         lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows_m, q_ok)
         valid_t = (offs_m[None, :] >= query_lb[:, None]) & (offs_m[None, :] <= query_ub[:, None])
+        if HAS_EXCLUDE:  # exclude[query, key position - query position + centre]
+            excl = (exclude_ptr + rows_m.to(tl.int64)[None, :] * exclude_stride
+                    + (exclude_center + offs_n[:, None] - offs_m[None, :]))
+            valid_t = valid_t & (tl.load(excl, mask=valid_t, other=1) == 0)
         dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, MASKED,
                            DOT_PRECISION)
     return dk, dv
@@ -94,8 +103,9 @@ def dkdv_band_span(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, N, H, 
 @band_autotune([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)])
 @triton.jit
 def _band_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, grad_lse_ptr, lse_ptr, delta_ptr,
-                    dq_ptr, stride_b, stride_n, stride_h, N, H, D, window, dilation, num_global,
-                    qk_scale, scale, CAUSAL: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
+                    dq_ptr, exclude_ptr, stride_b, stride_n, stride_h, N, H, D, window, dilation,
+                    num_global, exclude_stride, exclude_center, qk_scale, scale,
+                    CAUSAL: tl.constexpr, HAS_EXCLUDE: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
     """dq of the band queries; also computes and stores their delta = dO . O - dlse, which the
@@ -123,24 +133,26 @@ def _band_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, grad_lse_ptr, lse_ptr,
         lo = tl.maximum(p0 - window, first_band)
         hi = tl.minimum(p0 + BLOCK_M + (0 if CAUSAL else window), length)
         key_lb, key_ub = band_bounds(offs_m, window, hi, CAUSAL)
+        excl_rows, key_ub = exclusion_rows(exclude_ptr, rows_m, offs_m, row_ok, key_ub,
+                                           exclude_stride, exclude_center, HAS_EXCLUDE)
         mid_lo, mid_hi = interior_split(lo, hi, p0 + BLOCK_M - 1 - window,
                                         p0 + 1 + (0 if CAUSAL else window), BLOCK_N)
         k_base = k_ptr + base
         v_base = v_ptr + base
-        if mid_hi - mid_lo >= MIN_INTERIOR_TILES * BLOCK_N:
+        if (not HAS_EXCLUDE) and (mid_hi - mid_lo >= MIN_INTERIOR_TILES * BLOCK_N):
             dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, lo, mid_lo, hi, r,
-                              dilation, stride_n, cols, D, key_lb, key_ub, qk_scale, True,
-                              DOT_PRECISION, BLOCK_N)
+                              dilation, stride_n, cols, D, key_lb, key_ub, excl_rows, qk_scale,
+                              True, HAS_EXCLUDE, DOT_PRECISION, BLOCK_N)
             dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, mid_lo, mid_hi, hi, r,
-                              dilation, stride_n, cols, D, key_lb, key_ub, qk_scale, False,
-                              DOT_PRECISION, BLOCK_N)
+                              dilation, stride_n, cols, D, key_lb, key_ub, excl_rows, qk_scale,
+                              False, HAS_EXCLUDE, DOT_PRECISION, BLOCK_N)
             dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, mid_hi, hi, hi, r,
-                              dilation, stride_n, cols, D, key_lb, key_ub, qk_scale, True,
-                              DOT_PRECISION, BLOCK_N)
+                              dilation, stride_n, cols, D, key_lb, key_ub, excl_rows, qk_scale,
+                              True, HAS_EXCLUDE, DOT_PRECISION, BLOCK_N)
         else:
             dq = dq_band_span(dq, q, do, lse2, delta, k_base, v_base, lo, hi, hi, r, dilation,
-                              stride_n, cols, D, key_lb, key_ub, qk_scale, True, DOT_PRECISION,
-                              BLOCK_N)
+                              stride_n, cols, D, key_lb, key_ub, excl_rows, qk_scale, True,
+                              HAS_EXCLUDE, DOT_PRECISION, BLOCK_N)
         for start in range(0, num_global, BLOCK_N):
             offs_j = start + tl.arange(0, BLOCK_N)
             k = load_rows(k_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
@@ -155,9 +167,11 @@ def _band_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, grad_lse_ptr, lse_ptr,
 @band_autotune([(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3), (32, 64, 4, 3)])
 @triton.jit
 def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                      stride_b, stride_n, stride_h, N, H, D, window, dilation, num_global,
-                      qk_scale, scale, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      exclude_ptr, stride_b, stride_n, stride_h, N, H, D, window, dilation,
+                      num_global, exclude_stride, exclude_center, qk_scale, scale,
+                      CAUSAL: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
     k0, r, b, h, length = band_program(N, H, dilation, BLOCK_N)
     first_band = first_band_position(num_global, r, dilation)
     if (k0 < length) & (k0 + BLOCK_N > first_band):
@@ -181,20 +195,28 @@ def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
                                         k0 + 1 + window, BLOCK_M)
         q_base = q_ptr + base
         do_base = do_ptr + out_base
-        if mid_hi - mid_lo >= MIN_INTERIOR_TILES * BLOCK_M:
+        if (not HAS_EXCLUDE) and (mid_hi - mid_lo >= MIN_INTERIOR_TILES * BLOCK_M):
             dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N,
                                     H, lo, mid_lo, hi, r, dilation, stride_n, cols, D,
-                                    query_lb, query_ub, qk_scale, True, DOT_PRECISION, BLOCK_M)
+                                    query_lb, query_ub, offs_n, exclude_ptr,
+                                    exclude_stride, exclude_center, qk_scale, True, HAS_EXCLUDE,
+                                    DOT_PRECISION, BLOCK_M)
             dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N,
                                     H, mid_lo, mid_hi, hi, r, dilation, stride_n, cols, D,
-                                    query_lb, query_ub, qk_scale, False, DOT_PRECISION, BLOCK_M)
+                                    query_lb, query_ub, offs_n, exclude_ptr,
+                                    exclude_stride, exclude_center, qk_scale, False, HAS_EXCLUDE,
+                                    DOT_PRECISION, BLOCK_M)
             dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N,
                                     H, mid_hi, hi, hi, r, dilation, stride_n, cols, D,
-                                    query_lb, query_ub, qk_scale, True, DOT_PRECISION, BLOCK_M)
+                                    query_lb, query_ub, offs_n, exclude_ptr,
+                                    exclude_stride, exclude_center, qk_scale, True, HAS_EXCLUDE,
+                                    DOT_PRECISION, BLOCK_M)
         else:
             dk, dv = dkdv_band_span(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, b, h, N,
                                     H, lo, hi, hi, r, dilation, stride_n, cols, D, query_lb,
-                                    query_ub, qk_scale, True, DOT_PRECISION, BLOCK_M)
+                                    query_ub, offs_n, exclude_ptr, exclude_stride,
+                                    exclude_center, qk_scale, True, HAS_EXCLUDE, DOT_PRECISION,
+                                    BLOCK_M)
         if not CAUSAL:  # a causal global query i < G sees no key j >= G
             for start in range(0, num_global, BLOCK_M):
                 offs_m = start + tl.arange(0, BLOCK_M)
@@ -331,7 +353,7 @@ def _global_backward(q, k, v, grad_out, lse, delta, grads, num_global, causal, s
 
 
 def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dilation,
-                              num_global, causal, scale):
+                              num_global, causal, scale, exclude=None):
     """Gradients (dq, dk, dv) [B, N, H, D] in q's dtype of window_attention_forward."""
     batch, n, heads, dim = q.shape
     grads = tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
@@ -345,11 +367,13 @@ def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dil
     delta = torch.empty_like(lse)
     if num_global > 0:
         _global_row_delta(grad_out, out, grad_lse, delta, num_global)
+    exclude, exclude_stride, exclude_center = exclusion_args(exclude, window, lse)
     window, dilation = effective_window(n, window, dilation)
     block_d = max(16, triton.next_power_of_2(dim))
-    args = (q.stride(0), q.stride(1), q.stride(2), n, heads, dim, window, dilation, num_global,
-            scale * LOG2E, scale)
-    options = dict(CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d)
+    args = (exclude, q.stride(0), q.stride(1), q.stride(2), n, heads, dim, window, dilation,
+            num_global, exclude_stride, exclude_center, scale * LOG2E, scale)
+    options = dict(CAUSAL=causal, HAS_EXCLUDE=exclude_stride > 0,
+                   DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d)
     grad_q, grad_k, grad_v = grads
     _band_dq_kernel[band_grid(batch * heads, n, dilation, "BLOCK_M")](
         q, k, v, out, grad_out, delta if grad_lse is None else grad_lse, lse, delta, grad_q,
@@ -359,3 +383,4 @@ def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dil
     if num_global > 0:
         _global_backward(q, k, v, grad_out, lse, delta, grads, num_global, causal, scale, block_d)
     return grads
+

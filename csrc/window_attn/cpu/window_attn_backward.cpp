@@ -126,7 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
     const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad_lse_in,
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, int64_t window, int64_t dilation,
-    int64_t num_global, bool causal, double scale) {
+    int64_t num_global, bool causal, double scale,
+    const std::optional<at::Tensor>& exclude_in) {
   GTK_CHECK_DIM(q_in, 4);
   TORCH_CHECK(k_in.sizes() == q_in.sizes() && v_in.sizes() == q_in.sizes() &&
                   out_in.sizes() == q_in.sizes() && grad_out_in.sizes() == q_in.sizes(),
@@ -139,7 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
   const int64_t n = q.size(1);
   at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(q), grad_v = at::empty_like(q);
   if (q.numel() == 0) return {grad_q, grad_k, grad_v};
-  const WindowSpec spec{n, std::min(window, n), dilation, num_global, causal};
+  const at::Tensor exclude = exclude_in.has_value() ? exclude_in->contiguous() : at::Tensor();
+  const WindowSpec spec = make_window_spec(n, window, dilation, num_global, causal, exclude);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
                                   "window_attention_backward_cpu", [&] {
     backward_passes<scalar_t>(grad_out, grad_lse_in, q, k, v, out, lse_in, grad_q, grad_k,

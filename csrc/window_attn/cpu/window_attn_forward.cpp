@@ -47,20 +47,20 @@ void window_attention_rows(const scalar_t* q, const scalar_t* k, const scalar_t*
         denom += p;
         axpy_row(acc.data(), p, v + (key_base + j * heads) * dim, dim);
       });
-      // Every query holds at least itself (t = 0), so denom >= 1.
+      // denom = 0 only when `exclude` dropped every key: out = 0, lse = -inf.
+      const acc_t inv_denom = denom > 0 ? 1 / denom : acc_t(0);
       for (int64_t c = 0; c < dim; ++c) {
-        out[row * dim + c] = static_cast<scalar_t>(acc[c] / denom);
+        out[row * dim + c] = static_cast<scalar_t>(acc[c] * inv_denom);
       }
       lse[row] = max_score + std::log(denom);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& q_in,
-                                                        const at::Tensor& k_in,
-                                                        const at::Tensor& v_in, int64_t window,
-                                                        int64_t dilation, int64_t num_global,
-                                                        bool causal, double scale) {
+std::tuple<at::Tensor, at::Tensor> window_attention_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, int64_t window,
+    int64_t dilation, int64_t num_global, bool causal, double scale,
+    const std::optional<at::Tensor>& exclude_in) {
   GTK_CHECK_DIM(q_in, 4);
   GTK_CHECK_FLOATING(q_in);
   TORCH_CHECK(k_in.sizes() == q_in.sizes() && v_in.sizes() == q_in.sizes(),
@@ -73,7 +73,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& q_in,
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({batch, n, heads}, q.options().dtype(lse_dtype));
   if (out.numel() == 0) return {out, lse};
-  const WindowSpec spec{n, std::min(window, n), dilation, num_global, causal};
+  const at::Tensor exclude = exclude_in.has_value() ? exclude_in->contiguous() : at::Tensor();
+  const WindowSpec spec = make_window_spec(n, window, dilation, num_global, causal, exclude);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "window_attention_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;

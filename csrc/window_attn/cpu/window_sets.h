@@ -2,6 +2,8 @@
 // global tokens, shared by the CPU forward and backward kernels.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <cstdint>
 
@@ -13,7 +15,31 @@ struct WindowSpec {
   int64_t dilation;
   int64_t num_global;  // tokens [0, num_global) attend and are attended by all
   bool causal;         // keep only keys j <= i
+  // Optional bool [n, 2 * exclude_window + 1] (only with num_global = 0): exclude[i, t +
+  // exclude_window] drops band key i + t * dilation of query i.
+  const bool* exclude = nullptr;
+  int64_t exclude_window = 0;
+
+  bool excluded(int64_t i, int64_t t) const {
+    return exclude != nullptr && exclude[i * (2 * exclude_window + 1) + t + exclude_window];
+  }
 };
+
+// The spec of the op's arguments; `exclude` (if defined) must be a contiguous bool
+// [n, 2 * window + 1] that outlives the spec.
+inline WindowSpec make_window_spec(int64_t n, int64_t window, int64_t dilation,
+                                   int64_t num_global, bool causal, const at::Tensor& exclude) {
+  WindowSpec spec{n, std::min(window, n), dilation, num_global, causal};
+  if (exclude.defined()) {
+    TORCH_CHECK(num_global == 0, "exclude needs num_global = 0");
+    TORCH_CHECK(exclude.scalar_type() == at::kBool &&
+                    exclude.sizes() == at::IntArrayRef({n, 2 * window + 1}),
+                "exclude must be bool [N, 2 * window + 1]");
+    spec.exclude = exclude.data_ptr<bool>();
+    spec.exclude_window = window;
+  }
+  return spec;
+}
 
 // Calls visit(j) once for every key j of query i.
 template <typename Visit>
@@ -29,7 +55,8 @@ void for_each_key(const WindowSpec& s, int64_t i, Visit&& visit) {
   const int64_t t_hi = s.causal ? 0 : std::min(s.window, (s.n - 1 - i) / s.dilation);
   for (int64_t t = t_lo; t <= t_hi; ++t) {
     const int64_t j = i + t * s.dilation;
-    if (j >= s.num_global) visit(j);  // globals were visited above: each key counts once
+    // Globals were visited above: each key counts once.
+    if (j >= s.num_global && !s.excluded(i, t)) visit(j);
   }
 }
 
@@ -49,7 +76,7 @@ void for_each_query(const WindowSpec& s, int64_t j, Visit&& visit) {
   const int64_t u_hi = std::min(s.window, (s.n - 1 - j) / s.dilation);
   for (int64_t u = u_lo; u <= u_hi; ++u) {
     const int64_t i = j + u * s.dilation;
-    if (i >= s.num_global) visit(i);
+    if (i >= s.num_global && !s.excluded(i, -u)) visit(i);
   }
 }
 
