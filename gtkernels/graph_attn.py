@@ -39,8 +39,8 @@ def graph_attention(q, k, v, g, *, edge_bias=None, edge_attr=None, scale=None, w
     ``K_i = E_i | W_i | globals`` (all nodes if i is global): each key counts once, and where
     a key is also an edge that edge's edge_bias / edge_attr apply. This needs a coalesced
     graph (``g.coalesce()``); checking it and global_nodes costs one host sync the first time
-    (skipped under torch.compile). Extra memory: bool ``[N, 2 * window + 1]`` and
-    ``[N, G] + [G, N]`` masks, fp32 ``[G, H, N]`` scores of the global rows.
+    (skipped under torch.compile). Extra memory: bool masks ``[N, 2 * window + 1]``,
+    ``[N, G]`` and ``[G, N]``, kept while the graph and the global_nodes tensor live.
 
     Returns:
         out ``[N, H, D]`` of q's dtype, and with ``return_lse`` also lse ``[N, H]`` float32

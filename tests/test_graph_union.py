@@ -87,6 +87,15 @@ def test_union_low_precision(device, dtype):
     check_against_reference(device, dtype, *CASES["mixed"], True, True)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_union_at_band_scale(dtype):
+    """Several band tiles per residue class and the Triton global passes with many splits:
+    N = 3000, window 32, dilation 2, 8 global nodes (mesh-union's options)."""
+    check_against_reference("cuda", dtype, 3000, 20000, 32, 2,
+                            torch.linspace(0, 2999, 8).long().tolist(), True, True)
+
+
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_isolated_nodes_without_keys_get_zeros_and_zero_grads(device):
     n, h, d = 14, 2, 8

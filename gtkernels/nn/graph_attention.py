@@ -18,8 +18,9 @@ class GraphAttention(nn.Module):
             linear layer (no bias) to ``[E, H, D]`` and added to k_j and v_j on their edge
             (PyG TransformerConv's ``edge_dim`` semantics).
         window, dilation: node i also attends nodes ``i + t * dilation`` for ``|t| <= window``
-            (the mesh-transformer window in the node order of the graph). Needs the
-            adjacency + window union of `gtkernels.graph_attention`.
+            (the mesh-transformer window in the node order of the graph), each key once:
+            the adjacency + window union of `gtkernels.graph_attention` (the graph must be
+            coalesced; edge features apply where a window key is also an edge).
         bias: bias of the q/k/v and output projections.
 
     Shapes: ``x`` ``[N, dim]`` float (any dtype graph_attention takes; autocast is honoured
