@@ -59,7 +59,9 @@ for p in r.load_families().problems.values():
       (cd /tmp && run /tmp/gtk-venv/bin/python -c "import gtkernels as gk, torch; print(gk.__file__, gk.build_info()['version']); print(gk.sign_hash(torch.randn(2, 8, device='cuda'), 4))") ;;
     sanitize)
       step compute-sanitizer memcheck
-      run compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m gpu tests ${PYTEST_ARGS:-} ;;
+      # GTK_AUTOTUNE=0: each tuned kernel runs its first config (autotuning under the
+      # sanitizer would take most of the time).
+      GTK_AUTOTUNE=0 run compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m gpu tests ${PYTEST_ARGS:-} ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from ._common import autotune
 from .norms import row_sq_norms
 
 
@@ -161,7 +162,7 @@ def _prune_distill_configs(configs, named_args, **kwargs):
 
 
 def _tuned(kernel):
-    return triton.autotune(
+    return autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                  for bn, bk, w, st in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2),
                                        (64, 128, 8, 2), (128, 128, 8, 2), (32, 64, 4, 2),

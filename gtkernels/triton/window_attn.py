@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from ._common import autotune
 
 LOG2E = 1.4426950408889634
 # The same constants inside kernels (jit code reads only constexpr globals).
@@ -47,8 +48,8 @@ def band_autotune(configs):
         large = named_args["N"] * named_args["H"] >= AUTOTUNE_MIN_ROWS
         return configs[:-1] if large else configs[:1]
 
-    return triton.autotune(configs=configs, key=["N", "H", "window", "dilation", "D", "CAUSAL"],
-                           prune_configs_by={"early_config_prune": prune})
+    return autotune(configs, key=["N", "H", "window", "dilation", "D", "CAUSAL"],
+                    prune_configs_by={"early_config_prune": prune})
 
 
 @triton.jit
