@@ -192,3 +192,36 @@ def graph_attention_forward(indptr, indices, csc_indptr, csc_indices, csc_edge_i
             n, H=h, D=d, BLOCK_P=max(1, config.combine_tile // (block_h * block_d)),
             BLOCK_H=block_h, BLOCK_D=block_d, num_warps=config.combine_warps)
     return out, lse
+
+
+# Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed): index arrays int32
+# (indptr int64), node tensors bf16, lse / scratch / partials fp32; H=3, D=20 (odd, masked
+# tiles) and the bench's H=4, D=32, with the default launch config.
+COMPILE_TYPES = {
+    **{n: "*i64" for n in ("indptr", "csc_indptr")},
+    **{n: "*i32" for n in ("indices", "csc_indices", "csc_edge_ids", "seg_row", "seg_count",
+                           "seg_end", "part_end", "split_row")},
+    **{n: "*fp32" for n in ("lse", "grad_lse", "prob", "dscore", "part_m", "part_l", "part_acc",
+                            "part_dq", "part_dk", "part_dv", "part")},
+    **{n: "*bf16" for n in ("q", "k", "v", "out", "dout", "edge_bias", "edge_attr", "dq", "dk",
+                            "dv", "d_edge_attr", "dst")},
+    **{n: "fp32" for n in ("scale", "scale_log2")},
+}
+
+
+def compile_shapes(tile):
+    """(row-pass constexprs, combine constexprs) per compile-checked (H, D), for `tile`."""
+    config = DEFAULT_CONFIG
+    for heads, dim in ((3, 20), (4, 32)):
+        block_s, block_h, block_d = block_sizes(heads, dim, tile)
+        shape = dict(H=heads, D=dim, BLOCK_H=block_h, BLOCK_D=block_d)
+        yield dict(shape, BLOCK_S=block_s, CHUNK=config.chunk), shape
+
+
+COMPILE_CASES = [
+    case for rows, shape in compile_shapes(DEFAULT_CONFIG.fwd_tile) for case in (
+        ("_forward_kernel", dict(rows, HAS_BIAS=True, HAS_ATTR=True), COMPILE_TYPES,
+         {"num_warps": DEFAULT_CONFIG.num_warps}),
+        ("_softmax_combine_kernel", dict(shape, BLOCK_P=8), COMPILE_TYPES,
+         {"num_warps": DEFAULT_CONFIG.combine_warps}))
+]

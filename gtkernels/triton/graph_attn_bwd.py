@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .graph_attn import DEFAULT_CONFIG, _segment_bounds, block_sizes
+from .graph_attn import COMPILE_TYPES, DEFAULT_CONFIG, _segment_bounds, block_sizes, compile_shapes
 from .graph_schedule import cached_segment_schedule
 
 
@@ -198,3 +198,16 @@ def graph_attention_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indi
     _combine_sums(cols, part_dv, dv, config)
     d_edge_bias = dscore.to(q.dtype) if edge_bias is not None else q.new_empty((0,))
     return dq, dk, dv, d_edge_bias, d_edge_attr
+
+
+# Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed); types and shapes as for
+# the forward (graph_attn.COMPILE_TYPES).
+COMPILE_CASES = [
+    case for rows, shape in compile_shapes(DEFAULT_CONFIG.bwd_tile) for case in (
+        ("_destination_kernel", dict(rows, HAS_BIAS=True, HAS_ATTR=True, HAS_GRAD_LSE=True),
+         COMPILE_TYPES, {"num_warps": DEFAULT_CONFIG.num_warps}),
+        ("_source_kernel", rows, COMPILE_TYPES, {"num_warps": DEFAULT_CONFIG.num_warps}),
+        ("_sum_combine_kernel", dict(HD=shape["H"] * shape["D"], BLOCK_P=8,
+                                     BLOCK_HD=shape["BLOCK_H"] * shape["BLOCK_D"]),
+         COMPILE_TYPES, {"num_warps": DEFAULT_CONFIG.combine_warps}))
+]
