@@ -51,3 +51,27 @@ def test_autotunes_by_default(monkeypatch):
     from gtkernels.triton.norms import _row_sq_norms_kernel
     tuned = common.autotune([triton.Config({})], key=[])(_row_sq_norms_kernel)
     assert isinstance(tuned, triton.runtime.Autotuner)
+
+
+def test_first_config_launch_end_to_end(monkeypatch):
+    """The codebook scan through the GTK_AUTOTUNE=0 launcher (its first pruned config), on CPU
+    tensors through the interpreter: exact against float64."""
+    import torch
+    import triton.language as tl
+
+    from gtkernels.triton import _common, codebook, interpreting
+    if not interpreting():
+        pytest.skip("runs the launcher on CPU tensors through the interpreter")
+    monkeypatch.setenv("GTK_AUTOTUNE", "0")
+    common = importlib.reload(_common)
+    tuned = codebook._scan_kernel_tuned
+    launcher = common.autotune(tuned.configs, tuned.keys,
+                               prune_configs_by={"early_config_prune": tuned.early_config_prune}
+                               )(codebook._scan_kernel)
+    monkeypatch.setattr(codebook, "_scan_kernel_tuned", launcher)
+    monkeypatch.setattr(codebook, "interpreting", lambda: False)
+    monkeypatch.setattr(codebook, "_dot_dtype", lambda dtype: tl.float32)
+    x, c = torch.randn(48, 12), torch.randn(300, 12)
+    _, idx = codebook.codebook_search(x[:, None], c[None], 2, "l2")
+    expected = ((x.double()[:, None] - c.double()[None]) ** 2).sum(-1).topk(2, largest=False)
+    assert torch.equal(idx[:, 0], expected.indices)
