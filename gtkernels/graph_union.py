@@ -10,10 +10,8 @@ The key set K_i of node i is split into disjoint parts:
 Forward: the parts' (out, lse) are merged by log-sum-exp (exact: no key is in two parts).
 Backward: with the final lse and delta = dO . O - dlse, the flash-attention gradient of each
 part is exact on its own; the parts are summed in a fixed order (deterministic). On CUDA the
-band kernel continues the edge part's softmax and takes the global keys (and, backward, the
-global queries and the edge part's gradients) in the same pass; the global rows run as small
-Triton passes (gtkernels/triton/graph_union.py). On the CPU the edge and band parts are the
-C++ kernels and the global parts plain torch.
+global parts and the sums are Triton kernels (gtkernels/triton/graph_union.py); on the CPU the
+edge and band parts are the C++ kernels and the global parts plain torch.
 The masks are built inside the op with torch ops from the CSR, without host syncs, and kept
 for as long as the graph's indices and the global_nodes tensor live (unmodified).
 """
@@ -146,8 +144,14 @@ def _dense_part_backward(q_rows, keys, values, grad_out, lse, delta, live, scale
             torch.einsum("rhc,rhd->chd", prob, grad_out))
 
 
-def _on_triton(q):
-    return q.device.type == "cuda" and HAS_TRITON
+def _edge_and_band_forward(graph, q, k, v, edge_bias, edge_attr, scale, window, dilation,
+                           band_exclude):
+    edge_part = torch.ops.gtkernels.graph_attention(*graph, q, k, v, edge_bias, edge_attr, scale)
+    if window == 0:
+        return edge_part, None
+    out, lse = torch.ops.gtkernels.window_attention(q[None], k[None], v[None], window, dilation,
+                                                    0, False, scale, band_exclude)
+    return edge_part, (out[0], lse[0])
 
 
 def _union_forward(indptr, indices, csc_indptr, csc_indices, csc_edge_ids, q, k, v, edge_bias,
@@ -155,18 +159,14 @@ def _union_forward(indptr, indices, csc_indptr, csc_indices, csc_edge_ids, q, k,
     graph = (indptr, indices, csc_indptr, csc_indices, csc_edge_ids)
     masks = cached_union_masks(indptr, indices, window, dilation, global_nodes)
     glob, global_keys, global_rows = masks.glob, masks.global_keys, masks.global_rows
-    edge_part = torch.ops.gtkernels.graph_attention(*graph, q, k, v, edge_bias, edge_attr, scale)
-    if _on_triton(q):
+    edge_part, band_part = _edge_and_band_forward(graph, q, k, v, edge_bias, edge_attr, scale,
+                                                  window, dilation, masks.band_exclude)
+    if q.device.type == "cuda" and HAS_TRITON:
         from .triton.graph_union import union_forward
 
-        return union_forward(q, k, v, masks, edge_part, window, dilation, scale)
+        return union_forward(q, k, v, masks, edge_part, band_part, scale)
     acc = _accumulation_dtype(q.dtype)
-    parts = [edge_part]
-    if window > 0:
-        out, lse = torch.ops.gtkernels.window_attention(q[None], k[None], v[None], window,
-                                                        dilation, 0, False, scale,
-                                                        masks.band_exclude)
-        parts.append((out[0], lse[0]))
+    parts = [edge_part] + ([band_part] if band_part is not None else [])
     if glob.numel() > 0:
         parts.append(_dense_part(q, k[glob], v[glob], global_keys, scale))
     out, lse = merge_stacked(torch.stack([o.to(acc) for o, _ in parts]),
@@ -186,20 +186,22 @@ def _union_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indices, csc_
     glob, global_keys, global_rows = masks.glob, masks.global_keys, masks.global_rows
     dq, dk, dv, d_bias, d_attr = torch.ops.gtkernels.graph_attention_backward(
         grad_out, grad_lse, q, k, v, out, lse, *graph, edge_bias, edge_attr, scale)
-    if _on_triton(q):
+    band_grads = None
+    if window > 0:
+        band_grads = [t[0] for t in torch.ops.gtkernels.window_attention_backward(
+            grad_out[None], None if grad_lse is None else grad_lse[None], q[None], k[None],
+            v[None], out[None], lse[None], window, dilation, 0, False, scale,
+            masks.band_exclude)]
+    if q.device.type == "cuda" and HAS_TRITON:
         from .triton.graph_union import union_backward
 
         dq, dk, dv = union_backward(grad_out, grad_lse, q, k, v, out, lse, masks, (dq, dk, dv),
-                                    window, dilation, scale)
+                                    band_grads, scale)
         return dq, dk, dv, d_bias, d_attr
     acc = _accumulation_dtype(q.dtype)
     dq, dk, dv = dq.to(acc), dk.to(acc), dv.to(acc)
-    if window > 0:
-        band_grads = torch.ops.gtkernels.window_attention_backward(
-            grad_out[None], None if grad_lse is None else grad_lse[None], q[None], k[None],
-            v[None], out[None], lse[None], window, dilation, 0, False, scale,
-            masks.band_exclude)
-        dq, dk, dv = dq + band_grads[0][0], dk + band_grads[1][0], dv + band_grads[2][0]
+    if band_grads is not None:
+        dq, dk, dv = dq + band_grads[0], dk + band_grads[1], dv + band_grads[2]
     if glob.numel() > 0:
         delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
         if grad_lse is not None:

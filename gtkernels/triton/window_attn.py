@@ -118,54 +118,6 @@ def attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, MASKED: tl.constexpr,
 
 
 @triton.jit
-def list_rows(list_ptr, offs, ok, FROM_LIST: tl.constexpr):
-    """Node ids of list positions offs: list_ptr[offs], or offs itself (int64)."""
-    if FROM_LIST:
-        return tl.load(list_ptr + offs, mask=ok, other=0).to(tl.int64)
-    return offs.to(tl.int64)
-
-
-@triton.jit
-def load_live(live_ptr, q_pos, k_pos, q_ok, k_ok, live_q_stride):
-    """bool [len(q_pos), len(k_pos)]: live_ptr[q_pos * live_q_stride + k_pos] != 0."""
-    ptrs = live_ptr + q_pos.to(tl.int64)[:, None] * live_q_stride + k_pos[None, :]
-    return tl.load(ptrs, mask=q_ok[:, None] & k_ok[None, :], other=0) != 0
-
-
-@triton.jit
-def load_node_tile(ptr, rows, ok, h, H, D, cols):
-    """[len(rows), BLOCK_D] fp32 of a contiguous [N, H, D] tensor at head h."""
-    return tl.load(ptr + (rows.to(tl.int64) * H + h)[:, None] * D + cols[None, :],
-                   mask=ok[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def load_state(out_ptr, lse_ptr, rows, ok, h, H, D, cols):
-    """Online-softmax state (m, l, acc) equal to a part's (out [N, H, D], lse [N, H]), in the
-    log2 domain; rows with lse = -inf (no keys) give m = -inf, l = 0, acc = 0."""
-    m = tl.load(lse_ptr + rows.to(tl.int64) * H + h, mask=ok, other=float("-inf")) * LOG2E_K
-    weight = tl.where(m == float("-inf"), 0.0, 1.0)
-    return m, weight, load_node_tile(out_ptr, rows, ok, h, H, D, cols) * weight[:, None]
-
-
-@triton.jit
-def attend_key_list(acc, m_i, l_i, q, k_ptr, v_ptr, list_ptr, live_ptr, q_pos, q_ok, lo, hi,
-                    live_q_stride, stride_n, cols, D, qk_scale, K_FROM_LIST: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """attend_tile over the keys at list positions lo, ..., hi - 1 (node ids list_ptr[pos], or
-    pos itself) where live_ptr[q_pos * live_q_stride + pos] != 0."""
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k_ok = offs_n < hi
-        k_rows = list_rows(list_ptr, offs_n, k_ok, K_FROM_LIST)
-        k = load_rows(k_ptr, k_rows, k_ok, stride_n, cols, D)
-        v = load_rows(v_ptr, k_rows, k_ok, stride_n, cols, D)
-        live = load_live(live_ptr, q_pos, offs_n, q_ok, k_ok, live_q_stride)
-        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, live, qk_scale, True, DOT_PRECISION)
-    return acc, m_i, l_i
-
-
-@triton.jit
 def band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE: tl.constexpr):
     """[M, N] mask of the band keys offs_n of each query row: inside [key_lb, key_ub] and, with
     HAS_EXCLUDE, not dropped: excl_rows [M] points at the exclusion byte of key position 0 of
@@ -209,15 +161,11 @@ def attend_band_span(acc, m_i, l_i, q, k_ptr, v_ptr, start, end, hi, r, dilation
 
 @band_autotune([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3)])
 @triton.jit
-def _band_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, exclude_ptr, init_out_ptr,
-                         init_lse_ptr, list_ptr, live_ptr, stride_b, stride_n, stride_h, N, H,
-                         D, window, dilation, num_global, exclude_stride, exclude_center,
-                         num_list, qk_scale, CAUSAL: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
-                         UNION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _band_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, exclude_ptr, stride_b, stride_n,
+                         stride_h, N, H, D, window, dilation, num_global, exclude_stride,
+                         exclude_center, qk_scale, CAUSAL: tl.constexpr,
+                         HAS_EXCLUDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """With UNION (B = 1, graph_attention's union): the softmax starts from (init_out,
-    init_lse), the edge part, and after the band also meets the keys list_ptr[0:num_list]
-    where live_ptr[i * num_list + g] != 0 (the global nodes)."""
     p0, r, b, h, length = band_program(N, H, dilation, BLOCK_M)
     first_band = first_band_position(num_global, r, dilation)
     if (p0 < length) & (p0 + BLOCK_M > first_band):
@@ -226,13 +174,9 @@ def _band_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, exclude_ptr, ini
         offs_m = p0 + tl.arange(0, BLOCK_M)
         rows_m = r + offs_m * dilation
         q = load_rows(q_ptr + base, rows_m, offs_m < length, stride_n, cols, D)
-        if UNION:
-            m_i, l_i, acc = load_state(init_out_ptr, init_lse_ptr, rows_m, offs_m < length, h, H,
-                                       D, cols)
-        else:
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         # Band keys; those of global tokens are skipped here and met once, below.
         lo = tl.maximum(p0 - window, first_band)
         hi = tl.minimum(p0 + BLOCK_M + (0 if CAUSAL else window), length)
@@ -269,11 +213,6 @@ def _band_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, exclude_ptr, ini
             valid = (offs_j < num_global)[None, :]
             acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, True,
                                         DOT_PRECISION)
-        if UNION:
-            acc, m_i, l_i = attend_key_list(acc, m_i, l_i, q, k_ptr + base, v_ptr + base,
-                                            list_ptr, live_ptr, rows_m, offs_m < length, 0,
-                                            num_list, num_list, stride_n, cols, D, qk_scale,
-                                            True, DOT_PRECISION, BLOCK_N)
         # Rows of global tokens are written by the global pass.
         store_ok = (offs_m < length) & (offs_m >= first_band)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -400,14 +339,9 @@ def exclusion_args(exclude, window, placeholder):
 
 
 def window_attention_forward(q, k, v, window, dilation, num_global, causal, scale,
-                             exclude=None, union=None):
+                             exclude=None):
     """q, k, v [B, N, H, D] fp32/fp16/bf16 on a GPU (or CPU under the interpreter), exclude
-    None or bool [N, 2 * window + 1] -> (out [B, N, H, D] in q's dtype, lse [B, N, H] fp32).
-
-    union (B = 1, num_global = 0): graph_attention's union, an object with init_out [N, H, D],
-    init_lse [N, H] (contiguous: the edge part, the softmax's initial state), glob int64 [G]
-    and keys_live uint8 [N, G] (the global keys of each query): out and lse then cover all
-    three parts."""
+    None or bool [N, 2 * window + 1] -> (out [B, N, H, D] in q's dtype, lse [B, N, H] fp32)."""
     batch, n, heads, dim = q.shape
     out = q.new_empty((batch, n, heads, dim))
     lse = q.new_empty((batch, n, heads), dtype=torch.float32)
@@ -418,13 +352,11 @@ def window_attention_forward(q, k, v, window, dilation, num_global, causal, scal
     window, dilation = effective_window(n, window, dilation)
     block_d = max(16, triton.next_power_of_2(dim))
     qk_scale = scale * LOG2E
-    union_args = (lse, lse, lse, lse, 0) if union is None else (
-        union.init_out, union.init_lse, union.glob, union.keys_live, union.count)
     _band_forward_kernel[band_grid(batch * heads, n, dilation, "BLOCK_M")](
-        q, k, v, out, lse, exclude, *union_args[:4], q.stride(0), q.stride(1), q.stride(2), n,
-        heads, dim, window, dilation, num_global, exclude_stride, exclude_center, union_args[4],
-        qk_scale, CAUSAL=causal, HAS_EXCLUDE=exclude_stride > 0, UNION=union is not None,
-        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d)
+        q, k, v, out, lse, exclude, q.stride(0), q.stride(1), q.stride(2), n,
+        heads, dim, window, dilation, num_global, exclude_stride, exclude_center, qk_scale,
+        CAUSAL=causal, HAS_EXCLUDE=exclude_stride > 0, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_D=block_d)
     if num_global > 0:
         _global_query_forward(q, k, v, out, lse, num_global, causal, qk_scale, block_d)
     return out, lse

@@ -15,8 +15,7 @@ import triton
 import triton.language as tl
 
 from .window_attn import (LOG2E, LOG2E_K, band_autotune, band_bounds, band_grid,
-                          band_program, band_valid, dot_precision, effective_window, list_rows,
-                          load_live, load_node_tile,
+                          band_program, band_valid, dot_precision, effective_window,
                           exclusion_args, exclusion_rows, first_band_position,
                           MIN_INTERIOR_TILES, global_blocks, interior_split, load_rows,
                           prepare_inputs, split_count)
@@ -57,53 +56,6 @@ def load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows, row_ok):
     idx = (b.to(tl.int64) * N + rows) * H + h
     lse2 = tl.load(lse_ptr + idx, mask=row_ok, other=0.0) * LOG2E_K
     return lse2, tl.load(delta_ptr + idx, mask=row_ok, other=0.0)
-
-
-@triton.jit
-def load_final_lse(lse_ptr, rows, ok, h, H):
-    """lse [N, H] at rows in the log2 domain, +inf on rows without keys (so that p = 0)."""
-    lse2 = tl.load(lse_ptr + rows * H + h, mask=ok, other=0.0) * LOG2E_K
-    return tl.where(lse2 == float("-inf"), float("inf"), lse2)
-
-
-@triton.jit
-def dq_key_list(dq, q, do, lse2, delta, k_ptr, v_ptr, list_ptr, live_ptr, q_pos, q_ok, lo, hi,
-                live_q_stride, stride_n, cols, D, qk_scale, K_FROM_LIST: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dq_tile over the keys at list positions lo, ..., hi - 1 (node ids list_ptr[pos], or pos
-    itself) where live_ptr[q_pos * live_q_stride + pos] != 0."""
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k_ok = offs_n < hi
-        k_rows = list_rows(list_ptr, offs_n, k_ok, K_FROM_LIST)
-        k = load_rows(k_ptr, k_rows, k_ok, stride_n, cols, D)
-        v = load_rows(v_ptr, k_rows, k_ok, stride_n, cols, D)
-        live = load_live(live_ptr, q_pos, offs_n, q_ok, k_ok, live_q_stride)
-        dq = dq_tile(dq, q, do, lse2, delta, k, v, live, qk_scale, True, DOT_PRECISION)
-    return dq
-
-
-@triton.jit
-def dkdv_query_list(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, list_ptr, live_ptr, k_pos,
-                    k_ok, lo, hi, live_q_stride, stride_n, h, H, cols, D, qk_scale,
-                    Q_FROM_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr):
-    """dkdv_tile over the queries at list positions lo, ..., hi - 1 (node ids list_ptr[pos], or
-    pos itself) where live_ptr[pos * live_q_stride + k_pos] != 0; do, lse and delta are
-    contiguous [N, H(, D)] (q_ptr offset to head h)."""
-    for start in range(lo, hi, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        q_ok = offs_m < hi
-        q_rows = list_rows(list_ptr, offs_m, q_ok, Q_FROM_LIST)
-        q = load_rows(q_ptr, q_rows, q_ok, stride_n, cols, D)
-        do = load_rows(do_ptr + h * D, q_rows, q_ok, H * D, cols, D)
-        lse2 = load_final_lse(lse_ptr, q_rows, q_ok, h, H)
-        delta = tl.load(delta_ptr + q_rows * H + h, mask=q_ok, other=0.0)
-        live_t = tl.load(live_ptr + offs_m.to(tl.int64)[None, :] * live_q_stride
-                         + k_pos[:, None], mask=q_ok[None, :] & k_ok[:, None], other=0) != 0
-        dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, live_t, qk_scale, True,
-                           DOT_PRECISION)
-    return dk, dv
 
 
 @triton.jit
@@ -151,16 +103,13 @@ def dkdv_band_span(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, N, H, 
 @band_autotune([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)])
 @triton.jit
 def _band_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, grad_lse_ptr, lse_ptr, delta_ptr,
-                    dq_ptr, exclude_ptr, init_dq_ptr, list_ptr, live_ptr, stride_b, stride_n,
-                    stride_h, N, H, D, window, dilation, num_global, exclude_stride,
-                    exclude_center, num_list, qk_scale, scale, CAUSAL: tl.constexpr,
-                    HAS_EXCLUDE: tl.constexpr, UNION: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
+                    dq_ptr, exclude_ptr, stride_b, stride_n, stride_h, N, H, D, window, dilation,
+                    num_global, exclude_stride, exclude_center, qk_scale, scale,
+                    CAUSAL: tl.constexpr, HAS_EXCLUDE: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
     """dq of the band queries; also computes and stores their delta = dO . O - dlse, which the
-    dk/dv kernels read (this kernel runs first). With UNION (B = 1): also the keys
-    list_ptr[0:num_list] live where live_ptr[i * num_list + g] != 0, plus init_dq (the edge
-    part's dq)."""
+    dk/dv kernels read (this kernel runs first)."""
     p0, r, b, h, length = band_program(N, H, dilation, BLOCK_M)
     first_band = first_band_position(num_global, r, dilation)
     if (p0 < length) & (p0 + BLOCK_M > first_band):
@@ -210,28 +159,19 @@ def _band_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, grad_lse_ptr, lse_ptr,
             v = load_rows(v_ptr + base, offs_j, offs_j < num_global, stride_n, cols, D)
             valid = (offs_j < num_global)[None, :]
             dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, True, DOT_PRECISION)
-        if UNION:
-            dq = dq_key_list(dq, q, do, lse2, delta, k_ptr + base, v_ptr + base, list_ptr,
-                             live_ptr, rows_m, row_ok, 0, num_list, num_list, stride_n, cols, D,
-                             qk_scale, True, DOT_PRECISION, BLOCK_N)
-        dq = dq * scale
-        if UNION:
-            dq += load_node_tile(init_dq_ptr, rows_m, row_ok, h, H, D, cols)
         tl.store(dq_ptr + out_base + rows_m.to(tl.int64)[:, None] * H * D + cols[None, :],
-                 dq.to(dq_ptr.dtype.element_ty), mask=store_ok[:, None] & (cols < D)[None, :])
+                 (dq * scale).to(dq_ptr.dtype.element_ty),
+                 mask=store_ok[:, None] & (cols < D)[None, :])
 
 
 @band_autotune([(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3), (32, 64, 4, 3)])
 @triton.jit
 def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                      exclude_ptr, init_dk_ptr, init_dv_ptr, list_ptr, live_ptr, stride_b,
-                      stride_n, stride_h, N, H, D, window, dilation, num_global, exclude_stride,
-                      exclude_center, num_list, qk_scale, scale, CAUSAL: tl.constexpr,
-                      HAS_EXCLUDE: tl.constexpr, UNION: tl.constexpr,
+                      exclude_ptr, stride_b, stride_n, stride_h, N, H, D, window, dilation,
+                      num_global, exclude_stride, exclude_center, qk_scale, scale,
+                      CAUSAL: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr):
-    """dk, dv of the band keys. With UNION (B = 1): also the queries list_ptr[0:num_list] (the
-    global nodes) where live_ptr[g * N + j] != 0, plus init_dk / init_dv (the edge part's)."""
     k0, r, b, h, length = band_program(N, H, dilation, BLOCK_N)
     first_band = first_band_position(num_global, r, dilation)
     if (k0 < length) & (k0 + BLOCK_N > first_band):
@@ -287,18 +227,9 @@ def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
                 valid_t = q_ok[None, :]
                 dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, True,
                                    DOT_PRECISION)
-        if UNION:
-            dk, dv = dkdv_query_list(dk, dv, k, v, q_ptr + base, do_ptr, lse_ptr, delta_ptr,
-                                     list_ptr, live_ptr, rows_n, key_ok, 0, num_list, N,
-                                     stride_n, h, H, cols, D, qk_scale, True, DOT_PRECISION,
-                                     BLOCK_M)
-        dk = dk * scale
-        if UNION:
-            dk += load_node_tile(init_dk_ptr, rows_n, key_ok, h, H, D, cols)
-            dv += load_node_tile(init_dv_ptr, rows_n, key_ok, h, H, D, cols)
         store_ok = (key_ok & (offs_n >= first_band))[:, None] & (cols < D)[None, :]
         ptrs = out_base + rows_n.to(tl.int64)[:, None] * H * D + cols[None, :]
-        tl.store(dk_ptr + ptrs, dk.to(dk_ptr.dtype.element_ty), mask=store_ok)
+        tl.store(dk_ptr + ptrs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=store_ok)
         tl.store(dv_ptr + ptrs, dv.to(dv_ptr.dtype.element_ty), mask=store_ok)
 
 
@@ -422,15 +353,8 @@ def _global_backward(q, k, v, grad_out, lse, delta, grads, num_global, causal, s
 
 
 def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dilation,
-                              num_global, causal, scale, exclude=None, union=None):
-    """Gradients (dq, dk, dv) [B, N, H, D] in q's dtype of window_attention_forward.
-
-    union (B = 1, num_global = 0, out and lse the union's): graph_attention's union, an object
-    with init_dq, init_dk, init_dv [N, H, D] (contiguous, the edge part's gradients, added),
-    glob int64 [G], keys_live uint8 [N, G] and rows_live uint8 [G, N] (the global keys of
-    each query and the keys of each global query) and delta fp32 [N, H] (filled with
-    dO . O - dlse): the band kernels then also cover the global keys' part of dq and the
-    global queries' part of dk, dv."""
+                              num_global, causal, scale, exclude=None):
+    """Gradients (dq, dk, dv) [B, N, H, D] in q's dtype of window_attention_forward."""
     batch, n, heads, dim = q.shape
     grads = tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     if q.numel() == 0:
@@ -440,29 +364,22 @@ def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dil
     out = out.to(q.dtype).contiguous()
     lse = lse.float().contiguous()
     grad_lse = None if grad_lse is None else grad_lse.float().contiguous()
-    delta = torch.empty_like(lse) if union is None else union.delta.view_as(lse)
+    delta = torch.empty_like(lse)
     if num_global > 0:
         _global_row_delta(grad_out, out, grad_lse, delta, num_global)
     exclude, exclude_stride, exclude_center = exclusion_args(exclude, window, lse)
     window, dilation = effective_window(n, window, dilation)
     block_d = max(16, triton.next_power_of_2(dim))
-    strides = (q.stride(0), q.stride(1), q.stride(2), n, heads, dim, window, dilation,
-               num_global, exclude_stride, exclude_center)
-    count = 0 if union is None else union.count
-    scales = (count, scale * LOG2E, scale)
-    options = dict(CAUSAL=causal, HAS_EXCLUDE=exclude_stride > 0, UNION=union is not None,
+    args = (exclude, q.stride(0), q.stride(1), q.stride(2), n, heads, dim, window, dilation,
+            num_global, exclude_stride, exclude_center, scale * LOG2E, scale)
+    options = dict(CAUSAL=causal, HAS_EXCLUDE=exclude_stride > 0,
                    DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d)
     grad_q, grad_k, grad_v = grads
-    lists = (lse, lse) if union is None else (union.glob, union.keys_live)
     _band_dq_kernel[band_grid(batch * heads, n, dilation, "BLOCK_M")](
         q, k, v, out, grad_out, delta if grad_lse is None else grad_lse, lse, delta, grad_q,
-        exclude, lse if union is None else union.init_dq, *lists, *strides, *scales,
-        HAS_GRAD_LSE=grad_lse is not None, **options)
-    inits = (lse, lse, lse, lse) if union is None else (
-        union.init_dk, union.init_dv, union.glob, union.rows_live)
+        *args, HAS_GRAD_LSE=grad_lse is not None, **options)
     _band_dkdv_kernel[band_grid(batch * heads, n, dilation, "BLOCK_N")](
-        q, k, v, grad_out, lse, delta, grad_k, grad_v, exclude, *inits, *strides, *scales,
-        **options)
+        q, k, v, grad_out, lse, delta, grad_k, grad_v, *args, **options)
     if num_global > 0:
         _global_backward(q, k, v, grad_out, lse, delta, grads, num_global, causal, scale, block_d)
     return grads
