@@ -220,3 +220,13 @@ def code_distill_loss_backward(grad_row_kl, student, teacher, codebook, stats, t
             lambda meta: triton.cdiv(num_codes, meta["BLOCK_K"]),
             g, s, t, c, cn, st, grad_c, num_rows, num_codes, dim, dot_scale, norm_scale, dim=dim)
     return grad_s, grad_t, grad_c
+
+
+# Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed).
+_TYPES = {n: "*fp32" for n in ("grad_ptr", "s_ptr", "t_ptr", "c_ptr", "cn_ptr", "stats_ptr",
+                               "kl_ptr", "gs_ptr", "gt_ptr", "gc_ptr")}
+_TYPES.update(dot_scale="fp32", norm_scale="fp32")
+COMPILE_CASES = [
+    (name, dict(PRECISION="tf32x3", BLOCK_N=64, BLOCK_K=64, DP=64), _TYPES)
+    for name in ("_forward_kernel", "_rows_backward_kernel", "_codes_backward_kernel")
+]
