@@ -143,17 +143,26 @@ def exclusion_rows(exclude_ptr, rows_m, offs_m, row_ok, key_ub, exclude_stride, 
 
 
 @triton.jit
+def load_band_keys(k_ptr, v_ptr, tile, hi, r, dilation, stride_n, cols, D, key_lb, key_ub,
+                   excl_rows, HAS_EXCLUDE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """k, v [BLOCK_N, BLOCK_D] of band key tile `tile` (keys < hi, token rows r + j dilation)
+    and which (query, key) pairs of it are in the band."""
+    offs_n = tile + tl.arange(0, BLOCK_N)
+    rows_n = r + offs_n * dilation
+    k = load_rows(k_ptr, rows_n, offs_n < hi, stride_n, cols, D)
+    v = load_rows(v_ptr, rows_n, offs_n < hi, stride_n, cols, D)
+    return k, v, band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE)
+
+
+@triton.jit
 def attend_band_span(acc, m_i, l_i, q, k_ptr, v_ptr, start, end, hi, r, dilation, stride_n,
                      cols, D, key_lb, key_ub, excl_rows, qk_scale, MASKED: tl.constexpr,
                      HAS_EXCLUDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_N: tl.constexpr):
     """attend_tile over the band key tiles start, start + BLOCK_N, ... < end (keys < hi)."""
     for tile in range(start, end, BLOCK_N):
-        offs_n = tile + tl.arange(0, BLOCK_N)
-        rows_n = r + offs_n * dilation
-        k = load_rows(k_ptr, rows_n, offs_n < hi, stride_n, cols, D)
-        v = load_rows(v_ptr, rows_n, offs_n < hi, stride_n, cols, D)
-        valid = band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE)
+        k, v, valid = load_band_keys(k_ptr, v_ptr, tile, hi, r, dilation, stride_n, cols, D,
+                                     key_lb, key_ub, excl_rows, HAS_EXCLUDE, BLOCK_N)
         acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, MASKED,
                                     DOT_PRECISION)
     return acc, m_i, l_i

@@ -15,9 +15,9 @@ import triton
 import triton.language as tl
 
 from .window_attn import (LOG2E, LOG2E_K, band_autotune, band_bounds, band_grid,
-                          band_program, band_valid, dot_precision, effective_window,
-                          exclusion_args, exclusion_rows, first_band_position,
-                          MIN_INTERIOR_TILES, global_blocks, interior_split, load_rows,
+                          band_program, dot_precision, effective_window, exclusion_args,
+                          exclusion_rows, first_band_position, MIN_INTERIOR_TILES,
+                          global_blocks, interior_split, load_band_keys, load_rows,
                           prepare_inputs, split_count)
 
 
@@ -65,11 +65,8 @@ def dq_band_span(dq, q, do, lse2, delta, k_ptr, v_ptr, start, end, hi, r, dilati
                  BLOCK_N: tl.constexpr):
     """dq_tile over the band key tiles start, start + BLOCK_N, ... < end (keys < hi)."""
     for tile in range(start, end, BLOCK_N):
-        offs_n = tile + tl.arange(0, BLOCK_N)
-        rows_n = r + offs_n * dilation
-        k = load_rows(k_ptr, rows_n, offs_n < hi, stride_n, cols, D)
-        v = load_rows(v_ptr, rows_n, offs_n < hi, stride_n, cols, D)
-        valid = band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE)
+        k, v, valid = load_band_keys(k_ptr, v_ptr, tile, hi, r, dilation, stride_n, cols, D,
+                                     key_lb, key_ub, excl_rows, HAS_EXCLUDE, BLOCK_N)
         dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, MASKED, DOT_PRECISION)
     return dq
 
