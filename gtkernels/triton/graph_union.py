@@ -66,6 +66,16 @@ def merge_state(m_a, l_a, acc_a, m_b, l_b, acc_b):
 
 
 @triton.jit
+def load_list_rows(list_ptr, pos, ok, FROM_LIST: tl.constexpr, a_ptr, a_stride, b_ptr, b_stride,
+                   cols, D):
+    """Node rows of list positions `pos` (list_ptr[pos], or pos itself) and the [len(pos),
+    BLOCK_D] tiles of two row-strided tensors there (k and v, or q and dO)."""
+    rows = list_rows(list_ptr, pos, ok, FROM_LIST)
+    return (rows, load_rows(a_ptr, rows, ok, a_stride, cols, D),
+            load_rows(b_ptr, rows, ok, b_stride, cols, D))
+
+
+@triton.jit
 def load_final_lse(lse_ptr, rows, ok, h, H):
     """Final lse in the log2 domain, +inf on rows without keys (so that p = 0 there)."""
     lse2 = tl.load(lse_ptr + rows * H + h, mask=ok, other=0.0) * LOG2E_K
@@ -107,9 +117,8 @@ def _list_forward_kernel(q_ptr, k_ptr, v_ptr, q_list, k_list, live_ptr, a_out, a
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         k_ok = offs_n < hi
-        k_rows = list_rows(k_list, offs_n, k_ok, K_FROM_LIST)
-        k = load_rows(k_ptr + head, k_rows, k_ok, stride_n, cols, D)
-        v = load_rows(v_ptr + head, k_rows, k_ok, stride_n, cols, D)
+        _, k, v = load_list_rows(k_list, offs_n, k_ok, K_FROM_LIST, k_ptr + head, stride_n,
+                                 v_ptr + head, stride_n, cols, D)
         live = load_live(live_ptr, offs_m, offs_n, q_ok, k_ok, live_q_stride)
         acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, live, qk_scale, True, DOT_PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -133,11 +142,10 @@ def _list_dq_kernel(q_ptr, k_ptr, v_ptr, q_list, k_list, live_ptr, out_ptr, do_p
     split = tl.program_id(1)
     h = tl.program_id(2)
     q_ok = offs_m < num_q
-    q_rows = list_rows(q_list, offs_m, q_ok, Q_FROM_LIST)
     cols = tl.arange(0, BLOCK_D)
     head = h.to(tl.int64) * stride_h
-    q = load_rows(q_ptr + head, q_rows, q_ok, stride_n, cols, D)
-    do = load_rows(do_ptr + h * D, q_rows, q_ok, H * D, cols, D)
+    q_rows, q, do = load_list_rows(q_list, offs_m, q_ok, Q_FROM_LIST, q_ptr + head, stride_n,
+                                   do_ptr + h * D, H * D, cols, D)
     if COMPUTE_DELTA:
         delta = tl.sum(do.to(tl.float32) * load_node_tile(out_ptr, q_rows, q_ok, h, H, D, cols), 1)
         if HAS_GRAD_LSE:
@@ -151,9 +159,8 @@ def _list_dq_kernel(q_ptr, k_ptr, v_ptr, q_list, k_list, live_ptr, out_ptr, do_p
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         k_ok = offs_n < hi
-        k_rows = list_rows(k_list, offs_n, k_ok, K_FROM_LIST)
-        k = load_rows(k_ptr + head, k_rows, k_ok, stride_n, cols, D)
-        v = load_rows(v_ptr + head, k_rows, k_ok, stride_n, cols, D)
+        _, k, v = load_list_rows(k_list, offs_n, k_ok, K_FROM_LIST, k_ptr + head, stride_n,
+                                 v_ptr + head, stride_n, cols, D)
         live = load_live(live_ptr, offs_m, offs_n, q_ok, k_ok, live_q_stride)
         dq = dq_tile(dq, q, do, lse2, delta, k, v, live, qk_scale, True, DOT_PRECISION)
     dq = dq * scale
@@ -178,20 +185,18 @@ def _list_dkdv_kernel(q_ptr, k_ptr, v_ptr, q_list, k_list, live_ptr, do_ptr, lse
     split = tl.program_id(1)
     h = tl.program_id(2)
     k_ok = offs_n < num_k
-    k_rows = list_rows(k_list, offs_n, k_ok, K_FROM_LIST)
     cols = tl.arange(0, BLOCK_D)
     head = h.to(tl.int64) * stride_h
-    k = load_rows(k_ptr + head, k_rows, k_ok, stride_n, cols, D)
-    v = load_rows(v_ptr + head, k_rows, k_ok, stride_n, cols, D)
+    k_rows, k, v = load_list_rows(k_list, offs_n, k_ok, K_FROM_LIST, k_ptr + head, stride_n,
+                                  v_ptr + head, stride_n, cols, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo, hi = split_range(split, queries_per_split, num_q)
     for start in range(lo, hi, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         q_ok = offs_m < hi
-        q_rows = list_rows(q_list, offs_m, q_ok, Q_FROM_LIST)
-        q = load_rows(q_ptr + head, q_rows, q_ok, stride_n, cols, D)
-        do = load_rows(do_ptr + h * D, q_rows, q_ok, H * D, cols, D)
+        q_rows, q, do = load_list_rows(q_list, offs_m, q_ok, Q_FROM_LIST, q_ptr + head,
+                                       stride_n, do_ptr + h * D, H * D, cols, D)
         lse2 = load_final_lse(lse_ptr, q_rows, q_ok, h, H)
         delta = tl.load(delta_ptr + q_rows * H + h, mask=q_ok, other=0.0)
         live_t = tl.load(live_ptr + offs_m.to(tl.int64)[None, :] * live_q_stride
