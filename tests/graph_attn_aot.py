@@ -16,7 +16,7 @@ INT64 = ("indptr", "csc_indptr")
 INT32 = ("indices", "csc_indices", "csc_edge_ids", "seg_row", "seg_count", "seg_end",
          "part_end", "split_row")
 FP32 = ("lse", "grad_lse", "prob", "dscore", "part_m", "part_l", "part_acc", "part_dq",
-        "part_dk", "part_dv", "part")
+        "part_dk", "part_dv", "part", "delta_out")
 
 
 def arg_type(name):
@@ -45,7 +45,7 @@ def main(h, d):
         compile_for_sm90(fwd._forward_kernel, warps, **rows, HAS_BIAS=True, HAS_ATTR=True),
         compile_for_sm90(fwd._softmax_combine_kernel, combine_warps, **shape, BLOCK_P=8),
         compile_for_sm90(bwd._destination_kernel, warps, **rows, HAS_BIAS=True, HAS_ATTR=True,
-                         HAS_GRAD_LSE=True),
+                         HAS_GRAD_LSE=True, STORE_DELTA=True),
         compile_for_sm90(bwd._source_kernel, warps, **rows),
         compile_for_sm90(bwd._sum_combine_kernel, combine_warps, HD=h * d, BLOCK_P=8,
                          BLOCK_HD=block_h * block_d),

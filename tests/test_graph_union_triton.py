@@ -52,7 +52,8 @@ UNION_CASES = [(37, 120, 3, 2, [0, 5, 36]), (20, 60, 0, 1, list(range(0, 20, 2))
 @pytest.mark.parametrize("n,e,window,dilation,nodes", UNION_CASES)
 def test_triton_global_parts_match_cpu_op(n, e, window, dilation, nodes):
     """The Triton band kernels in union mode and the list kernels (global keys, global rows,
-    gradient sums) given the CPU edge part, against the CPU union op."""
+    gradient sums) given the CPU edge part's forward (the backward runs the Triton edge
+    kernels, which compute delta for all parts), against the CPU union op."""
     import gtkernels as gk
     from gtkernels.graph_union import cached_union_masks
     from gtkernels.triton.graph_union import union_backward, union_forward
@@ -75,19 +76,20 @@ def test_triton_global_parts_match_cpu_op(n, e, window, dilation, nodes):
     torch.testing.assert_close(out, want[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(lse, want[1], atol=1e-5, rtol=1e-4)
 
-    edge_grads = torch.ops.gtkernels.graph_attention_backward(
-        grad_out, grad_lse, q, k, v, *want, *graph, bias, attr, scale)[:3]
-    grads = union_backward(grad_out, grad_lse, q, k, v, *want, masks, edge_grads, window,
+    grads = union_backward(grad_out, grad_lse, q, k, v, *want, graph, bias, attr, masks, window,
                            dilation, scale)
+    assert len(grads) == len(want_grads)
     for got, expected in zip(grads, want_grads):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_kernels_compile_for_sm90():
-    """The interpreter does not type-check: compile the union's list kernels for sm_90 (no GPU
-    needed), in a fresh process (the band kernels: tests/test_window_attn_compile.py)."""
+    """The interpreter does not type-check: compile the union's list and partial-sum kernels
+    for sm_90 (no GPU needed), in a fresh process (the band kernels:
+    tests/test_window_attn_compile.py)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
-    done = subprocess.run([sys.executable, script, "gtkernels.triton.graph_union"], env=env,
+    done = subprocess.run([sys.executable, script, "gtkernels.triton.graph_union",
+                           "gtkernels.triton.union_partials"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr

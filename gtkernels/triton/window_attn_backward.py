@@ -158,7 +158,8 @@ def _band_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, grad_lse_ptr, lse_ptr,
                     DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
     """dq of the band queries; also computes and stores their delta = dO . O - dlse, which the
-    dk/dv kernels read (this kernel runs first). With UNION (B = 1): also the keys
+    dk/dv kernels read (this kernel runs first). With UNION (B = 1): delta_ptr holds delta
+    already (out_ptr and grad_lse_ptr are not read), and dq also covers the keys
     list_ptr[0:num_list] live where live_ptr[i * num_list + g] != 0, plus init_dq (the edge
     part's dq)."""
     p0, r, b, h, length = band_program(N, H, dilation, BLOCK_M)
@@ -172,13 +173,16 @@ def _band_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, grad_lse_ptr, lse_ptr,
         row_ok = offs_m < length
         q = load_rows(q_ptr + base, rows_m, row_ok, stride_n, cols, D)
         do = load_rows(do_ptr + out_base, rows_m, row_ok, H * D, cols, D)
-        o = load_rows(out_ptr + out_base, rows_m, row_ok, H * D, cols, D)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         stat_rows = (b.to(tl.int64) * N + rows_m) * H + h
-        if HAS_GRAD_LSE:
-            delta -= tl.load(grad_lse_ptr + stat_rows, mask=row_ok, other=0.0)
         store_ok = row_ok & (offs_m >= first_band)
-        tl.store(delta_ptr + stat_rows, delta, mask=store_ok)
+        if UNION:
+            delta = tl.load(delta_ptr + stat_rows, mask=row_ok, other=0.0)
+        else:
+            o = load_rows(out_ptr + out_base, rows_m, row_ok, H * D, cols, D)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            if HAS_GRAD_LSE:
+                delta -= tl.load(grad_lse_ptr + stat_rows, mask=row_ok, other=0.0)
+            tl.store(delta_ptr + stat_rows, delta, mask=store_ok)
         lse2 = tl.load(lse_ptr + stat_rows, mask=row_ok, other=0.0) * LOG2E_K
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         lo = tl.maximum(p0 - window, first_band)
@@ -428,9 +432,9 @@ def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dil
     union (B = 1, num_global = 0, out and lse the union's): graph_attention's union, an object
     with init_dq, init_dk, init_dv [N, H, D] (contiguous, the edge part's gradients, added),
     glob int64 [G], keys_live uint8 [N, G] and rows_live uint8 [G, N] (the global keys of
-    each query and the keys of each global query) and delta fp32 [N, H] (filled with
-    dO . O - dlse): the band kernels then also cover the global keys' part of dq and the
-    global queries' part of dk, dv."""
+    each query and the keys of each global query) and delta fp32 [N, H] (dO . O - dlse, read:
+    out and grad_lse are not): the band kernels then also cover the global keys' part of dq
+    and the global queries' part of dk, dv."""
     batch, n, heads, dim = q.shape
     grads = tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     if q.numel() == 0:
