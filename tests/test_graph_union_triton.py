@@ -54,6 +54,20 @@ def test_triton_global_parts_match_cpu_op(n, e, window, dilation, nodes):
     """The Triton band kernels in union mode and the list kernels (global keys, global rows,
     gradient sums) given the CPU edge part's forward (the backward runs the Triton edge
     kernels, which compute delta for all parts), against the CPU union op."""
+    check_union_against_cpu_op(n, e, window, dilation, nodes)
+
+
+def test_triton_global_rows_over_several_chunks(monkeypatch):
+    """The global rows' partials over several chunks, folded by union_partials' kernels in
+    several tiles of chunks (with a ragged last tile)."""
+    from gtkernels.triton import union_partials, window_common
+
+    monkeypatch.setattr(window_common, "MIN_TILES_PER_SPLIT", 1)
+    monkeypatch.setattr(union_partials, "TILE_ELEMENTS", 32)
+    check_union_against_cpu_op(70, 200, 20, 1, [2, 69, 40])
+
+
+def check_union_against_cpu_op(n, e, window, dilation, nodes):
     import gtkernels as gk
     from gtkernels.graph_union import cached_union_masks
     from gtkernels.triton.graph_union import union_backward, union_forward

@@ -23,11 +23,11 @@ import triton.language as tl
 from . import interpreting
 from .graph_attn_bwd import graph_attention_backward
 from .union_partials import add_global_row_partials, merge_global_rows
-from .window_attn import (LN2_K, LOG2E, attend_key_list, dot_precision, list_rows, load_node_tile,
-                          load_rows, load_state, prepare_inputs, split_count,
-                          window_attention_forward)
-from .window_attn_backward import (dkdv_query_list, dq_key_list, load_final_lse,
-                                   window_attention_backward)
+from .window_attn import attend_key_list, load_state, window_attention_forward
+from .window_attn_backward import window_attention_backward
+from .window_attn_backward_tiles import dkdv_query_list, dq_key_list, load_final_lse
+from .window_common import (LN2_K, LOG2E, dot_precision, list_rows, load_node_tile, load_rows,
+                            prepare_inputs, split_count)
 
 LIST_BLOCK = 16  # tile of the global-node list (G is small)
 
