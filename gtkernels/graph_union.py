@@ -10,8 +10,11 @@ The key set K_i of node i is split into disjoint parts:
 Forward: the parts' (out, lse) are merged by log-sum-exp (exact: no key is in two parts).
 Backward: with the final lse and delta = dO . O - dlse, the flash-attention gradient of each
 part is exact on its own; the parts are summed in a fixed order (deterministic). On CUDA the
-global parts and the sums are Triton kernels (gtkernels/triton/graph_union.py); on the CPU the
-edge and band parts are the C++ kernels and the global parts plain torch.
+band kernel continues the edge part's softmax and takes the global keys (and, backward, the
+global queries and the edge part's gradients) in the same pass, and delta is computed once,
+by the edge part's kernel; the global rows run as small Triton passes
+(gtkernels/triton/graph_union.py). On the CPU the edge and band parts are the
+C++ kernels and the global parts plain torch.
 The masks are built inside the op with torch ops from the CSR, without host syncs, and kept
 for as long as the graph's indices and the global_nodes tensor live (unmodified).
 """
@@ -144,14 +147,8 @@ def _dense_part_backward(q_rows, keys, values, grad_out, lse, delta, live, scale
             torch.einsum("rhc,rhd->chd", prob, grad_out))
 
 
-def _edge_and_band_forward(graph, q, k, v, edge_bias, edge_attr, scale, window, dilation,
-                           band_exclude):
-    edge_part = torch.ops.gtkernels.graph_attention(*graph, q, k, v, edge_bias, edge_attr, scale)
-    if window == 0:
-        return edge_part, None
-    out, lse = torch.ops.gtkernels.window_attention(q[None], k[None], v[None], window, dilation,
-                                                    0, False, scale, band_exclude)
-    return edge_part, (out[0], lse[0])
+def _on_triton(q):
+    return q.device.type == "cuda" and HAS_TRITON
 
 
 def _union_forward(indptr, indices, csc_indptr, csc_indices, csc_edge_ids, q, k, v, edge_bias,
@@ -159,14 +156,18 @@ def _union_forward(indptr, indices, csc_indptr, csc_indices, csc_edge_ids, q, k,
     graph = (indptr, indices, csc_indptr, csc_indices, csc_edge_ids)
     masks = cached_union_masks(indptr, indices, window, dilation, global_nodes)
     glob, global_keys, global_rows = masks.glob, masks.global_keys, masks.global_rows
-    edge_part, band_part = _edge_and_band_forward(graph, q, k, v, edge_bias, edge_attr, scale,
-                                                  window, dilation, masks.band_exclude)
-    if q.device.type == "cuda" and HAS_TRITON:
+    edge_part = torch.ops.gtkernels.graph_attention(*graph, q, k, v, edge_bias, edge_attr, scale)
+    if _on_triton(q):
         from .triton.graph_union import union_forward
 
-        return union_forward(q, k, v, masks, edge_part, band_part, scale)
+        return union_forward(q, k, v, masks, edge_part, window, dilation, scale)
     acc = _accumulation_dtype(q.dtype)
-    parts = [edge_part] + ([band_part] if band_part is not None else [])
+    parts = [edge_part]
+    if window > 0:
+        out, lse = torch.ops.gtkernels.window_attention(q[None], k[None], v[None], window,
+                                                        dilation, 0, False, scale,
+                                                        masks.band_exclude)
+        parts.append((out[0], lse[0]))
     if glob.numel() > 0:
         parts.append(_dense_part(q, k[glob], v[glob], global_keys, scale))
     out, lse = merge_stacked(torch.stack([o.to(acc) for o, _ in parts]),
@@ -184,24 +185,21 @@ def _union_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indices, csc_
     graph = (indptr, indices, csc_indptr, csc_indices, csc_edge_ids)
     masks = cached_union_masks(indptr, indices, window, dilation, global_nodes)
     glob, global_keys, global_rows = masks.glob, masks.global_keys, masks.global_rows
-    dq, dk, dv, d_bias, d_attr = torch.ops.gtkernels.graph_attention_backward(
-        grad_out, grad_lse, q, k, v, out, lse, *graph, edge_bias, edge_attr, scale)
-    band_grads = None
-    if window > 0:
-        band_grads = [t[0] for t in torch.ops.gtkernels.window_attention_backward(
-            grad_out[None], None if grad_lse is None else grad_lse[None], q[None], k[None],
-            v[None], out[None], lse[None], window, dilation, 0, False, scale,
-            masks.band_exclude)]
-    if q.device.type == "cuda" and HAS_TRITON:
+    if _on_triton(q):
         from .triton.graph_union import union_backward
 
-        dq, dk, dv = union_backward(grad_out, grad_lse, q, k, v, out, lse, masks, (dq, dk, dv),
-                                    band_grads, scale)
-        return dq, dk, dv, d_bias, d_attr
+        return union_backward(grad_out, grad_lse, q, k, v, out, lse, graph, edge_bias,
+                              edge_attr, masks, window, dilation, scale)
+    dq, dk, dv, d_bias, d_attr = torch.ops.gtkernels.graph_attention_backward(
+        grad_out, grad_lse, q, k, v, out, lse, *graph, edge_bias, edge_attr, scale)
     acc = _accumulation_dtype(q.dtype)
     dq, dk, dv = dq.to(acc), dk.to(acc), dv.to(acc)
-    if band_grads is not None:
-        dq, dk, dv = dq + band_grads[0], dk + band_grads[1], dv + band_grads[2]
+    if window > 0:
+        band_grads = torch.ops.gtkernels.window_attention_backward(
+            grad_out[None], None if grad_lse is None else grad_lse[None], q[None], k[None],
+            v[None], out[None], lse[None], window, dilation, 0, False, scale,
+            masks.band_exclude)
+        dq, dk, dv = dq + band_grads[0][0], dk + band_grads[1][0], dv + band_grads[2][0]
     if glob.numel() > 0:
         delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
         if grad_lse is not None:

@@ -20,7 +20,8 @@ def _device():
 
 
 def launch(g, inputs, grad_out, scale, chunk, grad_lse=None):
-    """Forward and backward launchers on per-edge tensors in construction order."""
+    """Forward and backward launchers on per-edge tensors in construction order; also returns
+    the delta [N, H] the backward stores (into a poisoned buffer)."""
     from gtkernels.triton.graph_attn import LaunchConfig, graph_attention_forward
     from gtkernels.triton.graph_attn_bwd import graph_attention_backward
 
@@ -31,12 +32,13 @@ def launch(g, inputs, grad_out, scale, chunk, grad_lse=None):
     graph = (g.indptr, g.indices, g.csc_indptr, g.csc_indices, g.csc_edge_ids)
     config = LaunchConfig(chunk=chunk)
     out, lse = graph_attention_forward(*graph, q, k, v, bias, attr, scale, config)
+    delta = torch.full_like(lse, float("nan"))
     dq, dk, dv, d_bias, d_attr = graph_attention_backward(
-        grad_out, grad_lse, q, k, v, out, lse, *graph, bias, attr, scale, config)
+        grad_out, grad_lse, q, k, v, out, lse, *graph, bias, attr, scale, config, delta)
     inverse = torch.argsort(perm)
     d_bias = None if edge_bias is None else d_bias[inverse]
     d_attr = None if edge_attr is None else d_attr[inverse]
-    return out, lse, [dq, dk, dv, d_bias, d_attr]
+    return out, lse, [dq, dk, dv, d_bias, d_attr], delta
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -53,7 +55,11 @@ def test_triton_kernels_match_reference(dtype, h, d, features):
     grad_out = torch.randn(n, h, d, device=device, dtype=dtype)
     grad_lse = torch.randn(n, h, device=device) if features else None  # gradient through lse
     scale = 0.7 * d ** -0.5
-    out, lse, grads = launch(g, inputs, grad_out, scale, chunk=4, grad_lse=grad_lse)
+    out, lse, grads, delta = launch(g, inputs, grad_out, scale, chunk=4, grad_lse=grad_lse)
+    want_delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        want_delta -= grad_lse
+    torch.testing.assert_close(delta, want_delta, atol=1e-5, rtol=1e-5)
 
     def reference(as_dtype):
         leaves = [None if t is None else t.to(as_dtype).requires_grad_(True) for t in inputs]

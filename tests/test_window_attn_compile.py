@@ -42,6 +42,7 @@ def compile_for_sm90(kernel, dtype, constexprs, num_warps, num_stages):
 def compile_all():
     from gtkernels.triton import window_attn as fwd
     from gtkernels.triton import window_attn_backward as bwd
+    from gtkernels.triton import window_attn_backward_global as bwd_global
 
     band = {fwd._band_forward_kernel: (128, 64, 8, 3), bwd._band_dq_kernel: (128, 64, 8, 3),
             bwd._band_dkdv_kernel: (64, 128, 8, 3)}
@@ -53,8 +54,8 @@ def compile_all():
             consts["HAS_GRAD_LSE"] = True
         compiled = compile_for_sm90(kernel, "bf16", consts, warps, stages)
         assert "warp_group_dot" in compiled.asm["ttgir"]  # Hopper's warp-group MMA
-    for kernel in (fwd._global_query_forward_kernel, bwd._global_query_dq_kernel,
-                   bwd._global_key_dkdv_kernel):
+    for kernel in (fwd._global_query_forward_kernel, bwd_global._global_query_dq_kernel,
+                   bwd_global._global_key_dkdv_kernel):
         consts = dict(CAUSAL=True, DOT_PRECISION="tf32", BLOCK_D=64, BLOCK_M=16, BLOCK_N=64)
         compile_for_sm90(kernel, "bf16", consts, 4, 3)
 

@@ -202,7 +202,7 @@ COMPILE_TYPES = {
     **{n: "*i32" for n in ("indices", "csc_indices", "csc_edge_ids", "seg_row", "seg_count",
                            "seg_end", "part_end", "split_row")},
     **{n: "*fp32" for n in ("lse", "grad_lse", "prob", "dscore", "part_m", "part_l", "part_acc",
-                            "part_dq", "part_dk", "part_dv", "part")},
+                            "part_dq", "part_dk", "part_dv", "part", "delta_out")},
     **{n: "*bf16" for n in ("q", "k", "v", "out", "dout", "edge_bias", "edge_attr", "dq", "dk",
                             "dv", "d_edge_attr", "dst")},
     **{n: "fp32" for n in ("scale", "scale_log2")},
