@@ -13,7 +13,9 @@ import pytest
 from gtkernels.triton import HAS_TRITON
 
 FP32_POINTERS = ("lse_ptr", "delta_ptr", "grad_lse_ptr", "part_out_ptr", "part_lse_ptr",
-                 "part_dq_ptr", "part_dk_ptr", "part_dv_ptr")
+                 "part_dq_ptr", "part_dk_ptr", "part_dv_ptr", "init_lse_ptr")
+# graph_attention's union: exclusion and live masks, the global-node list
+OTHER_POINTERS = {"exclude_ptr": "*u8", "live_ptr": "*u8", "list_ptr": "*i64"}
 
 
 def compile_for_sm90(kernel, dtype, constexprs, num_warps, num_stages):
@@ -28,8 +30,8 @@ def compile_for_sm90(kernel, dtype, constexprs, num_warps, num_stages):
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name == "exclude_ptr":
-            signature[name] = "*u8"
+        elif name in OTHER_POINTERS:
+            signature[name] = OTHER_POINTERS[name]
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in FP32_POINTERS else f"*{dtype}"
         else:
@@ -46,10 +48,10 @@ def compile_all():
 
     band = {fwd._band_forward_kernel: (128, 64, 8, 3), bwd._band_dq_kernel: (128, 64, 8, 3),
             bwd._band_dkdv_kernel: (64, 128, 8, 3)}
-    for (kernel, (block_m, block_n, warps, stages)), exclude in itertools.product(
-            band.items(), (False, True)):  # with an exclusion mask: graph_attention's union
-        consts = dict(CAUSAL=False, HAS_EXCLUDE=exclude, DOT_PRECISION="tf32", BLOCK_D=64,
-                      BLOCK_M=block_m, BLOCK_N=block_n)
+    for (kernel, (block_m, block_n, warps, stages)), union in itertools.product(
+            band.items(), (False, True)):  # with graph_attention's union (exclusion, lists)
+        consts = dict(CAUSAL=False, HAS_EXCLUDE=union, UNION=union, DOT_PRECISION="tf32",
+                      BLOCK_D=64, BLOCK_M=block_m, BLOCK_N=block_n)
         if kernel is bwd._band_dq_kernel:
             consts["HAS_GRAD_LSE"] = True
         compiled = compile_for_sm90(kernel, "bf16", consts, warps, stages)
