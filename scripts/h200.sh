@@ -88,7 +88,7 @@ for p in r.load_families().problems.values():
       # GTK_AUTOTUNE=0: each tuned kernel runs its first config (autotuning under the
       # sanitizer would take most of the time).
       GTK_AUTOTUNE=0 GTK_INSTAFAIL=1 run_groups sanitize compute-sanitizer --tool memcheck \
-        --error-exitcode 9 python3 -m pytest -q -x ;;
+        --error-exitcode 9 python3 -m pytest -q ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

@@ -35,6 +35,7 @@ class _FirstConfig:
             named = dict(zip(self.fn.arg_names, args))
             config = (self.prune(self.configs, named, **kwargs) if self.prune
                       else self.configs)[0]
+            self.best_config = config  # as triton's Autotuner: the config of the last launch
             meta = {**named, **kwargs, **config.kwargs}
             return self.fn[grid(meta) if callable(grid) else grid](
                 *args, **kwargs, **config.kwargs, num_warps=config.num_warps,

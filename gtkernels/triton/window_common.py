@@ -29,6 +29,17 @@ AUTOTUNE_MIN_ROWS = 1 << 18
 # Head dims above this run one small config that fits shared memory in every dtype.
 LARGE_HEAD_DIM = 128
 LARGE_HEAD_CONFIG = (32, 32, 4, 1)
+SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+def _fits_shared_memory(config, named_args):
+    """An upper estimate of a band config's shared memory within SHARED_MEMORY_BUDGET:
+    num_stages buffers of the query and key tiles, twice (operands and layout conversions).
+    At D = 128 in bf16 the 3-stage 64 x 128 tiles need 256 KB, over the H200's 227 KB."""
+    block_d = triton.next_power_of_2(named_args["D"])
+    size = named_args["q_ptr"].element_size()
+    tiles = config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]
+    return 2 * config.num_stages * tiles * block_d * size <= SHARED_MEMORY_BUDGET
 
 
 def band_autotune(configs):
@@ -40,10 +51,11 @@ def band_autotune(configs):
                for m, n, w, s in configs + [LARGE_HEAD_CONFIG]]
 
     def prune(configs, named_args, **kwargs):
-        if named_args["D"] > LARGE_HEAD_DIM:
+        fitting = [c for c in configs[:-1] if _fits_shared_memory(c, named_args)]
+        if named_args["D"] > LARGE_HEAD_DIM or not fitting:
             return configs[-1:]
         large = named_args["N"] * named_args["H"] >= AUTOTUNE_MIN_ROWS
-        return configs[:-1] if large else configs[:1]
+        return fitting if large else fitting[:1]
 
     return triton.autotune(configs=configs, key=["N", "H", "window", "dilation", "D", "CAUSAL"],
                            prune_configs_by={"early_config_prune": prune})
