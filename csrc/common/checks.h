@@ -20,4 +20,13 @@ inline int64_t cpu_grain(int64_t work_per_item) {
   return std::max<int64_t>(1, kTarget / std::max<int64_t>(1, work_per_item));
 }
 
+// Every idx[p], p < n, in [0, rows): checked serially, before any parallel region, so that
+// no exception is thrown from inside one.
+inline void check_rows_in_range(const int64_t* idx, int64_t n, int64_t rows) {
+  for (int64_t p = 0; p < n; ++p) {
+    TORCH_CHECK(idx[p] >= 0 && idx[p] < rows, "idx entry ", p, " = ", idx[p],
+                " is out of range [0, ", rows, ")");
+  }
+}
+
 }  // namespace gtk

@@ -181,13 +181,10 @@ at::Tensor weighted_gather_sum_cpu(const at::Tensor& table_in, const at::Tensor&
     const int64_t* ip = idx.data_ptr<int64_t>();
     const acc_t* wp = weights.data_ptr<acc_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
+    check_rows_in_range(ip, T * B, R);
     at::parallel_for(0, T, cpu_grain(M * B * d), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(d);
       for (int64_t t = begin; t < end; ++t) {
-        for (int64_t b = 0; b < B; ++b) {
-          TORCH_CHECK(ip[t * B + b] >= 0 && ip[t * B + b] < R, "idx[", t, ", ", b, "] = ",
-                      ip[t * B + b], " is out of range [0, ", R, ")");
-        }
         gather_sum_token<scalar_t, acc_t>(tp, nullptr, M, R, d, ip + t * B, wp + t * B, B,
                                           acc.data(), op + t * d, T * d);
       }
