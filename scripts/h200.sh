@@ -8,7 +8,8 @@
 #   bench, BENCH_TIMEOUT=120 caps each problem's process (seconds), BENCH_ARGS adds options;
 #   PYTEST_ARGS adds pytest options. test and sanitize run the test groups (graph window codebook
 #   hashing; TEST_GROUPS narrows) in parallel processes, each capped by TEST_TIMEOUT seconds,
-#   with its output in OUT_DIR/test-GROUP.txt or sanitize-GROUP.txt.
+#   with its output in OUT_DIR/test-GROUP.txt or sanitize-GROUP.txt. At the cap pytest gets
+#   SIGINT, so it still prints its summary and slowest tests.
 #
 # OUT_DIR receives log.txt (everything), and bench/results.json + one PNG per family.
 set -uo pipefail
@@ -38,12 +39,12 @@ group_files() {  # the test files of one family group (on a GPU the Triton files
 run_groups() {  # NAME COMMAND...: every group in parallel, the summaries into the log
   local name=$1; shift
   for g in ${TEST_GROUPS:-graph window codebook hashing}; do
-    ( timeout "${TEST_TIMEOUT:-0}" "$@" $(group_files "$g") ${PYTEST_ARGS:-} \
+    ( timeout -s INT -k 20 "${TEST_TIMEOUT:-0}" "$@" $(group_files "$g") ${PYTEST_ARGS:-} \
         > "$OUT/$name-$g.txt" 2>&1; echo "exit status $?" >> "$OUT/$name-$g.txt" ) &
   done
   wait
   for g in ${TEST_GROUPS:-graph window codebook hashing}; do
-    echo "--- $name $g" | tee -a "$LOG"; tail -n 4 "$OUT/$name-$g.txt" | tee -a "$LOG"
+    echo "--- $name $g" | tee -a "$LOG"; tail -n 16 "$OUT/$name-$g.txt" | tee -a "$LOG"
     grep -q "exit status 0" "$OUT/$name-$g.txt" || status=1
   done
 }
@@ -57,7 +58,7 @@ for s in $STEPS; do
       run cuobjdump --list-elf gtkernels/_C*.so ;;
     test)
       step "gpu tests, groups in parallel"
-      GTK_INSTAFAIL=1 run_groups test python3 -m pytest -q ;;
+      GTK_INSTAFAIL=1 run_groups test python3 -m pytest -q --durations=8 ;;
     bench)
       # One process per problem: a failing peer that breaks the CUDA context (a device-side
       # assert) costs only that problem's later rows. results.json accumulates across them.
@@ -88,7 +89,7 @@ for p in r.load_families().problems.values():
       # GTK_AUTOTUNE=0: each tuned kernel runs its first config (autotuning under the
       # sanitizer would take most of the time).
       GTK_AUTOTUNE=0 GTK_INSTAFAIL=1 run_groups sanitize compute-sanitizer --tool memcheck \
-        --error-exitcode 9 python3 -m pytest -q ;;
+        --error-exitcode 9 python3 -m pytest -q --durations=8 ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done
