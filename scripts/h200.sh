@@ -9,7 +9,8 @@
 #   PYTEST_ARGS adds pytest options. test and sanitize run the test groups (graph window codebook
 #   hashing; TEST_GROUPS narrows) in parallel processes, each capped by TEST_TIMEOUT seconds,
 #   with its output in OUT_DIR/test-GROUP.txt or sanitize-GROUP.txt. At the cap pytest gets
-#   SIGINT, so it still prints its summary and slowest tests.
+#   SIGINT, so it still prints its summary and slowest tests. Where pytest-xdist is installed
+#   each group runs TEST_WORKERS (3) workers.
 #
 # OUT_DIR receives log.txt (everything), and bench/results.json + one PNG per family.
 set -uo pipefail
@@ -38,8 +39,10 @@ group_files() {  # the test files of one family group (on a GPU the Triton files
 }
 run_groups() {  # NAME COMMAND...: every group in parallel, the summaries into the log
   local name=$1; shift
+  local workers=""  # pytest-xdist workers per group: Triton compiles on more cores
+  python3 -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-3}"
   for g in ${TEST_GROUPS:-graph window codebook hashing}; do
-    ( timeout -s INT -k 20 "${TEST_TIMEOUT:-0}" "$@" $(group_files "$g") ${PYTEST_ARGS:-} \
+    ( timeout -s INT -k 20 "${TEST_TIMEOUT:-0}" "$@" $(group_files "$g") $workers ${PYTEST_ARGS:-} \
         > "$OUT/$name-$g.txt" 2>&1; echo "exit status $?" >> "$OUT/$name-$g.txt" ) &
   done
   wait
@@ -89,6 +92,7 @@ for p in r.load_families().problems.values():
       # GTK_AUTOTUNE=0: each tuned kernel runs its first config (autotuning under the
       # sanitizer would take most of the time).
       GTK_AUTOTUNE=0 GTK_INSTAFAIL=1 run_groups sanitize compute-sanitizer --tool memcheck \
+        --target-processes all \
         --error-exitcode 9 python3 -m pytest -q --durations=8 ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
