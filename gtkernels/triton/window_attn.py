@@ -14,7 +14,6 @@ import triton.language as tl
 from .window_common import (LN2_K, LOG2E, LOG2E_K, MIN_INTERIOR_TILES, band_autotune, band_bounds,
                             band_grid, band_program, band_valid, dot_precision, effective_window,
                             exclusion_args, exclusion_rows, first_band_position, global_blocks,
-                            global_program,
                             interior_split, list_rows, load_live, load_node_tile, load_rows,
                             prepare_inputs, split_count)
 
@@ -168,10 +167,15 @@ def _global_query_forward_kernel(q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr
                                  BLOCK_N: tl.constexpr):
     """Rows [0, G) against key chunk `split`: writes normalised partial out and lse to
     part_out [S, B, G, H, D] and part_lse [S, B, G, H] (fp32)."""
-    m0, split, b, h, base = global_program(num_global, num_splits, H, stride_b, stride_h,
-                                           BLOCK_M)
+    pid = tl.program_id(0)
+    blocks = (num_global + BLOCK_M - 1) // BLOCK_M
+    split = (pid // blocks) % num_splits
+    bh = pid // (blocks * num_splits)
+    b = bh // H
+    h = bh % H
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
     cols = tl.arange(0, BLOCK_D)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_m = (pid % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     q = load_rows(q_ptr + base, offs_m, offs_m < num_global, stride_n, cols, D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

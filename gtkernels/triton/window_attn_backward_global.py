@@ -5,9 +5,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .window_common import (LOG2E, dot_precision, global_blocks, global_program, load_rows,
-                             split_count)
+from .window_common import LOG2E, dot_precision, global_blocks, load_rows, split_count
 from .window_attn_backward_tiles import dkdv_tile, dq_tile, load_row_stats
+
+
+@triton.jit
+def global_program(num_global, num_splits, BLOCK: tl.constexpr):
+    """Decodes a global-pass program id into (first global row, split, bh)."""
+    pid = tl.program_id(0)
+    blocks = (num_global + BLOCK - 1) // BLOCK
+    return (pid % blocks) * BLOCK, (pid // blocks) % num_splits, pid // (blocks * num_splits)
 
 
 @triton.jit
@@ -17,8 +24,10 @@ def _global_query_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, par
                             CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq of rows [0, G) from key chunk `split` -> part_dq [S, B, G, H, D] fp32."""
-    m0, split, b, h, base = global_program(num_global, num_splits, H, stride_b, stride_h,
-                                           BLOCK_M)
+    m0, split, bh = global_program(num_global, num_splits, BLOCK_M)
+    b = bh // H
+    h = bh % H
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
     out_base = (b.to(tl.int64) * N * H + h) * D
     cols = tl.arange(0, BLOCK_D)
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -49,8 +58,10 @@ def _global_key_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, par
                             CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dk, dv of keys [0, G) from query chunk `split` -> part_dk, part_dv [S, B, G, H, D] fp32."""
-    k0, split, b, h, base = global_program(num_global, num_splits, H, stride_b, stride_h,
-                                           BLOCK_N)
+    k0, split, bh = global_program(num_global, num_splits, BLOCK_N)
+    b = bh // H
+    h = bh % H
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
     out_base = (b.to(tl.int64) * N * H + h) * D
     cols = tl.arange(0, BLOCK_D)
     offs_n = k0 + tl.arange(0, BLOCK_N)

@@ -82,19 +82,6 @@ def band_program(N, H, dilation, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def global_program(num_global, num_splits, H, stride_b, stride_h, BLOCK: tl.constexpr):
-    """Decodes a global-pass program id into (first global row, split, b, h, offset of (b, h)
-    in q, k and v)."""
-    pid = tl.program_id(0)
-    blocks = (num_global + BLOCK - 1) // BLOCK
-    bh = pid // (blocks * num_splits)
-    b = bh // H
-    h = bh % H
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-    return (pid % blocks) * BLOCK, (pid // blocks) % num_splits, b, h, base
-
-
-@triton.jit
 def first_band_position(num_global, r, dilation):
     """First position p of residue class r whose token r + p * dilation is not global."""
     return (num_global - r + dilation - 1) // dilation
