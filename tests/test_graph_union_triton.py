@@ -1,9 +1,6 @@
 """The Triton kernels of graph_attention's union through the interpreter: the band kernels of
 window_attention with an exclusion mask against the CPU op with the same mask, and the list
 kernels of the global parts against the CPU union op."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -95,15 +92,3 @@ def check_union_against_cpu_op(n, e, window, dilation, nodes):
     assert len(grads) == len(want_grads)
     for got, expected in zip(grads, want_grads):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-
-
-def test_kernels_compile_for_sm90():
-    """The interpreter does not type-check: compile the union's list and partial-sum kernels
-    for sm_90 (no GPU needed), in a fresh process (the band kernels:
-    tests/test_window_attn_compile.py)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
-    done = subprocess.run([sys.executable, script, "gtkernels.triton.graph_union",
-                           "gtkernels.triton.union_partials"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr

@@ -12,9 +12,9 @@ import triton
 import triton.language as tl
 
 from .window_common import (LN2_K, LOG2E, LOG2E_K, MIN_INTERIOR_TILES, band_autotune, band_bounds,
-                            band_grid, band_program, band_valid, dot_precision, effective_window,
+                            band_compile_cases, band_grid, band_program, band_valid, dot_precision, effective_window,
                             exclusion_args, exclusion_rows, first_band_position, global_blocks,
-                            interior_split, list_rows, load_live, load_node_tile, load_rows,
+                            global_compile_case, interior_split, list_rows, load_live, load_node_tile, load_rows,
                             prepare_inputs, split_count)
 
 
@@ -247,3 +247,7 @@ def window_attention_forward(q, k, v, window, dilation, num_global, causal, scal
     if num_global > 0:
         _global_query_forward(q, k, v, out, lse, num_global, causal, qk_scale, block_d)
     return out, lse
+
+
+COMPILE_CASES = [*band_compile_cases("_band_forward_kernel", 128, 64),
+                 global_compile_case("_global_query_forward_kernel")]

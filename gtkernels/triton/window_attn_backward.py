@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .window_common import (LOG2E, LOG2E_K, MIN_INTERIOR_TILES, band_autotune, band_bounds,
-                            band_grid, band_program, dot_precision, effective_window,
+                            band_compile_cases, band_grid, band_program, dot_precision, effective_window,
                             exclusion_args, exclusion_rows, first_band_position, interior_split,
                             load_node_tile, load_rows, prepare_inputs)
 from .window_attn_backward_tiles import (dkdv_band_span, dkdv_query_list, dkdv_tile, dq_band_span,
@@ -226,3 +226,7 @@ def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dil
     if num_global > 0:
         global_backward(q, k, v, grad_out, lse, delta, grads, num_global, causal, scale, block_d)
     return grads
+
+
+COMPILE_CASES = [*band_compile_cases("_band_dq_kernel", 128, 64, HAS_GRAD_LSE=True),
+                 *band_compile_cases("_band_dkdv_kernel", 64, 128)]

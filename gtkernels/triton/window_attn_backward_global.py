@@ -5,7 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .window_common import LOG2E, dot_precision, global_blocks, load_rows, split_count
+from .window_common import (LOG2E, dot_precision, global_blocks, global_compile_case, load_rows,
+                            split_count)
 from .window_attn_backward_tiles import dkdv_tile, dq_tile, load_row_stats
 
 
@@ -126,3 +127,7 @@ def global_backward(q, k, v, grad_out, lse, delta, grads, num_global, causal, sc
                                   **common)
     grad_k[:, :num_global] = part_dk.sum(0).to(grad_k.dtype)
     grad_v[:, :num_global] = part_dv.sum(0).to(grad_v.dtype)
+
+
+COMPILE_CASES = [global_compile_case("_global_query_dq_kernel"),
+                 global_compile_case("_global_key_dkdv_kernel")]

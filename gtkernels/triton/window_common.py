@@ -206,3 +206,29 @@ def exclusion_args(exclude, window, placeholder):
     if exclude is None:
         return placeholder, 0, 0
     return exclude.contiguous().view(torch.uint8), 2 * window + 1, window
+
+
+# Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed): the window kernels'
+# argument types other than the defaults (*bf16 for *_ptr, i32 otherwise) and the band
+# kernels' constexprs; the band kernels must use Hopper's warp-group MMA.
+COMPILE_TYPES = {
+    **{n: "*fp32" for n in ("lse_ptr", "delta_ptr", "grad_lse_ptr", "part_out_ptr",
+                            "part_lse_ptr", "part_dq_ptr", "part_dk_ptr", "part_dv_ptr",
+                            "init_lse_ptr")},
+    "exclude_ptr": "*u8", "live_ptr": "*u8", "list_ptr": "*i64",  # graph_attention's union
+    "qk_scale": "fp32", "scale": "fp32"}
+WARP_GROUP_MMA = "warp_group_dot"
+
+
+def band_compile_cases(name, block_m, block_n, **constants):
+    """Compile cases of a band kernel alone and in graph_attention's union (exclusion, lists)."""
+    return [(name, dict(constants, CAUSAL=False, HAS_EXCLUDE=union, UNION=union,
+                        DOT_PRECISION="tf32", BLOCK_D=64, BLOCK_M=block_m, BLOCK_N=block_n),
+             COMPILE_TYPES, {"num_warps": 8, "num_stages": 3}, WARP_GROUP_MMA)
+            for union in (False, True)]
+
+
+def global_compile_case(name):
+    """The compile case of a global-pass kernel."""
+    return (name, dict(CAUSAL=True, DOT_PRECISION="tf32", BLOCK_D=64, BLOCK_M=16, BLOCK_N=64),
+            COMPILE_TYPES, {"num_warps": 4, "num_stages": 3})
