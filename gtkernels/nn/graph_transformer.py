@@ -106,10 +106,11 @@ class GraphTransformerLayer(nn.Module):
 
 class AutocastLayerNorm(nn.LayerNorm):
     """nn.LayerNorm that keeps autocast's low precision: under autocast a bf16 / fp16 input
-    ``[..., size]`` is normalised in its own dtype (the kernel's statistics are fp32) and the
-    output has that dtype, instead of autocast's fp32 copy in and fp32 result out, which the
-    next projection casts back. Same parameters and state dict as nn.LayerNorm; outside
-    autocast, or for fp32 / fp64 inputs, it is nn.LayerNorm."""
+    ``[..., size]`` is normalised in its own dtype (the kernel's statistics are fp32), with the
+    weight and bias rounded to that dtype as autocast rounds a Linear's, and the output has
+    that dtype, instead of autocast's fp32 copy in and fp32 result out, which the next
+    projection casts back. Same parameters and state dict as nn.LayerNorm; outside autocast,
+    or for fp32 / fp64 inputs, it is nn.LayerNorm."""
 
     def forward(self, x):
         device = x.device.type
