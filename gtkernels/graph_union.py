@@ -154,6 +154,7 @@ def _on_triton(q):
 def _union_forward(indptr, indices, csc_indptr, csc_indices, csc_edge_ids, q, k, v, edge_bias,
                    edge_attr, scale, window, dilation, global_nodes):
     graph = (indptr, indices, csc_indptr, csc_indices, csc_edge_ids)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # one copy for all the parts
     masks = cached_union_masks(indptr, indices, window, dilation, global_nodes)
     glob, global_keys, global_rows = masks.glob, masks.global_keys, masks.global_rows
     edge_part = torch.ops.gtkernels.graph_attention(*graph, q, k, v, edge_bias, edge_attr, scale)
@@ -183,6 +184,7 @@ def _union_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indices, csc_
                     csc_indices, csc_edge_ids, edge_bias, edge_attr, scale, window, dilation,
                     global_nodes):
     graph = (indptr, indices, csc_indptr, csc_indices, csc_edge_ids)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     masks = cached_union_masks(indptr, indices, window, dilation, global_nodes)
     glob, global_keys, global_rows = masks.glob, masks.global_keys, masks.global_rows
     if _on_triton(q):

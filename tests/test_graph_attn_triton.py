@@ -105,3 +105,31 @@ def test_triton_backward_is_deterministic():
     again = launch(g, inputs, grad_out.clone(), 0.25, chunk=4)[2]
     for a, b in zip(first, again):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("h,d", [(3, 20), (2, 64), (1, 1)])
+def test_triton_kernels_read_qkv_views_in_place(h, d):
+    """q, k, v sliced from one [N, 3, H, D] projection (row stride 3 H D, as GraphAttention
+    makes them) give bitwise the results of contiguous copies; other layouts are copied."""
+    from gtkernels.triton.graph_attn import node_rows
+
+    n, e = 12, 50
+    device = _device()
+    g = gk.Graph.from_edge_index(random_edge_index(n, e, hub_edges=20, device=device),
+                                 num_nodes=n)
+    qkv = torch.randn(n, 3, h, d, device=device, dtype=torch.bfloat16)
+    views = list(qkv.unbind(1))
+    _, _, _, stride_q, stride_kv = node_rows(*views)
+    assert stride_q == stride_kv == 3 * h * d
+    grad_out = torch.randn(n, h, d, device=device, dtype=torch.bfloat16)
+    strided = launch(g, views + [None, None], grad_out, d ** -0.5, chunk=4)
+    packed = launch(g, [t.contiguous() for t in views] + [None, None], grad_out, d ** -0.5,
+                    chunk=4)
+    for got, want in zip([*strided[:2], *strided[2][:3]], [*packed[:2], *packed[2][:3]]):
+        assert got.is_contiguous() and torch.equal(got, want)
+    # k and v with different row strides, and a transposed q, are copied first
+    k_other = torch.randn(n, 2 * h, d, device=device)[:, :h]
+    q_t = torch.randn(n, d, h, device=device).transpose(1, 2)
+    q, k, v, stride_q, stride_kv = node_rows(q_t, k_other, views[2])
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    assert (stride_q, stride_kv) == (h * d, h * d)

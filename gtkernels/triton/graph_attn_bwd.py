@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .graph_attn import COMPILE_TYPES, DEFAULT_CONFIG, _segment_bounds, block_sizes, compile_shapes
+from .graph_attn import (COMPILE_TYPES, DEFAULT_CONFIG, _segment_bounds, block_sizes,
+                         compile_shapes, node_rows)
 from .graph_schedule import cached_segment_schedule
 
 
@@ -20,6 +21,7 @@ from .graph_schedule import cached_segment_schedule
 def _destination_kernel(indptr, indices, q, k, v, dout, out, lse, grad_lse, edge_bias,
                         edge_attr, dq, prob, dscore, d_edge_attr, part_dq, delta_out,
                         seg_row, seg_count, seg_end, part_end, num_rows, num_segments, scale,
+                        stride_q, stride_kv,
                         H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_ATTR: tl.constexpr,
@@ -34,7 +36,8 @@ def _destination_kernel(indptr, indices, q, k, v, dout, out, lse, grad_lse, edge
     hd_ok = (head_ok[:, None] & (ds[None, :] < D))[None, :, :]
     row_mask = live[:, None, None] & hd_ok
     row_off = row[:, None, None] * (H * D) + hd
-    q_i = tl.load(q + row_off, mask=row_mask, other=0.0).to(tl.float32)
+    q_i = tl.load(q + row[:, None, None] * stride_q + hd, mask=row_mask,
+                  other=0.0).to(tl.float32)
     do_i = tl.load(dout + row_off, mask=row_mask, other=0.0).to(tl.float32)
     o_i = tl.load(out + row_off, mask=row_mask, other=0.0).to(tl.float32)
     head_mask = live[:, None] & head_ok[None, :]
@@ -54,7 +57,7 @@ def _destination_kernel(indptr, indices, q, k, v, dout, out, lse, grad_lse, edge
         j = j_next.to(tl.int64)  # prefetched one edge ahead, as in the forward
         j_next = tl.load(indices + e + 1, mask=e + 1 < stop, other=0)
         kv_mask = on[:, None, None] & hd_ok
-        kv_off = j[:, None, None] * (H * D) + hd
+        kv_off = j[:, None, None] * stride_kv + hd
         k_j = tl.load(k + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
         v_j = tl.load(v + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
         if HAS_ATTR:
@@ -85,7 +88,7 @@ def _destination_kernel(indptr, indices, q, k, v, dout, out, lse, grad_lse, edge
 @triton.jit
 def _source_kernel(csc_indptr, csc_indices, csc_edge_ids, q, dout, prob, dscore, dk, dv,
                    part_dk, part_dv, seg_row, seg_count, seg_end, part_end, num_rows,
-                   num_segments, scale, H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                   num_segments, scale, stride_q, H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
     col, live, start, stop, count, slot = _segment_bounds(
         csc_indptr, seg_row, seg_count, seg_end, part_end, num_rows, num_segments,
@@ -111,7 +114,8 @@ def _source_kernel(csc_indptr, csc_indices, csc_edge_ids, q, dout, prob, dscore,
         d_s = tl.load(dscore + e[:, None] * H + hs[None, :], mask=edge_mask, other=0.0)
         node_mask = on[:, None, None] & hd_ok
         node_off = i[:, None, None] * (H * D) + hd
-        q_i = tl.load(q + node_off, mask=node_mask, other=0.0).to(tl.float32)
+        q_i = tl.load(q + i[:, None, None] * stride_q + hd, mask=node_mask,
+                      other=0.0).to(tl.float32)
         do_i = tl.load(dout + node_off, mask=node_mask, other=0.0).to(tl.float32)
         dk_acc += d_s[:, :, None] * q_i
         dv_acc += p[:, :, None] * do_i
@@ -163,11 +167,11 @@ def graph_attention_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indi
     """The CUDA kernel of torch.ops.gtkernels.graph_attention_backward (same arguments and
     results); `config` as in graph_attention_forward; `delta`: optional fp32 [N, H]
     (contiguous), filled with delta = dO . O - dlse."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v, stride_q, stride_kv = node_rows(q, k, v)
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     n, h, d = q.shape
     num_edges = indices.numel()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+    dq, dk, dv = (torch.empty((n, h, d), device=q.device, dtype=q.dtype) for _ in range(3))
     d_edge_attr = q.new_empty(edge_attr.shape if edge_attr is not None else (0,))
     prob = torch.empty((num_edges, h), device=q.device, dtype=torch.float32)
     dscore = torch.empty_like(prob)
@@ -184,7 +188,8 @@ def graph_attention_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indi
         edge_bias.contiguous() if edge_bias is not None else q,
         edge_attr.contiguous() if edge_attr is not None else q,
         dq, prob, dscore, d_edge_attr, part, lse if delta is None else delta, rows.seg_row,
-        rows.seg_count, rows.seg_end, rows.part_end, n, rows.num_segments, scale, H=h, D=d,
+        rows.seg_count, rows.seg_end, rows.part_end, n, rows.num_segments, scale, stride_q,
+        stride_kv, H=h, D=d,
         BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d, CHUNK=config.chunk,
         HAS_BIAS=edge_bias is not None, HAS_ATTR=edge_attr is not None,
         HAS_GRAD_LSE=grad_lse is not None, STORE_DELTA=delta is not None,
@@ -197,7 +202,7 @@ def graph_attention_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indi
     _source_kernel[(triton.cdiv(cols.num_segments, block_s),)](
         csc_indptr, csc_indices, csc_edge_ids, q, grad_out, prob, dscore, dk, dv, part_dk,
         part_dv, cols.seg_row, cols.seg_count, cols.seg_end, cols.part_end, n,
-        cols.num_segments, scale, H=h, D=d, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d,
+        cols.num_segments, scale, stride_q, H=h, D=d, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d,
         CHUNK=config.chunk, num_warps=config.num_warps)
     _combine_sums(cols, part_dk, dk, config)
     _combine_sums(cols, part_dv, dv, config)
