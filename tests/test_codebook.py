@@ -268,10 +268,11 @@ def test_triton_search_backward(metric):
 
 
 @needs_triton
-@pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_triton_distill(metric):
+@pytest.mark.parametrize("metric,split_rows", [("l2", 4096), ("ip", 4096), ("l2", 16)])
+def test_triton_distill(metric, split_rows, monkeypatch):
     from gtkernels.triton import code_distill
 
+    monkeypatch.setattr(code_distill, "SPLIT_ROWS", split_rows)  # 16: three row splits
     device = triton_device()
     s, t, c = (torch.randn(n, 12, device=device) for n in (37, 37, 50))
     kl, stats = code_distill.code_distill_loss(s, t, c, 0.7, metric)

@@ -125,18 +125,24 @@ def _rows_backward_kernel(grad_ptr, s_ptr, t_ptr, c_ptr, cn_ptr, stats_ptr, gs_p
 
 
 @triton.jit
-def _codes_backward_kernel(grad_ptr, s_ptr, t_ptr, c_ptr, cn_ptr, stats_ptr, gc_ptr,
-                           N, K, D, dot_scale, norm_scale, PRECISION: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DP: tl.constexpr):
+def _codes_backward_kernel(grad_ptr, s_ptr, t_ptr, c_ptr, cn_ptr, stats_ptr, part_ptr, total_ptr,
+                           N, K, D, dot_scale, norm_scale, rows_per_split,
+                           PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, DP: tl.constexpr):
+    """Program (code block, split): sum_n (ga t_n + gb s_n) and sum_n (ga + gb) over the rows
+    of its split, in row order, into the split's slice of part [S, K, D] and total [S, K]."""
     codes = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1)
     valid = codes < K
     dcols = tl.arange(0, DP)
     c, cn = _load_codes(c_ptr, cn_ptr, codes, valid, dcols, D)
     acc = tl.zeros([BLOCK_K, DP], dtype=tl.float32)
     total = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    first = split * rows_per_split
+    last = tl.minimum(first + rows_per_split, N)
+    for n0 in range(first, last, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
+        row_mask = rows < last
         t = _load_rows(t_ptr, rows, row_mask, dcols, D)
         s = _load_rows(s_ptr, rows, row_mask, dcols, D)
         lse_a, lse_b, expected, g = _row_stats(stats_ptr, grad_ptr, rows, row_mask)
@@ -145,10 +151,9 @@ def _codes_backward_kernel(grad_ptr, s_ptr, t_ptr, c_ptr, cn_ptr, stats_ptr, gc_
         acc = tl.dot(tl.trans(ga), t, acc, input_precision=PRECISION)
         acc = tl.dot(tl.trans(gb), s, acc, input_precision=PRECISION)
         total += tl.sum(ga + gb, axis=0)
-    grad = dot_scale * acc - 2.0 * norm_scale * total[:, None] * c
-    out = codes[:, None].to(tl.int64) * D + dcols[None, :]
-    tl.store(gc_ptr + out, grad.to(gc_ptr.dtype.element_ty),
-             mask=valid[:, None] & (dcols[None, :] < D))
+    out = (split * K + codes[:, None]).to(tl.int64) * D + dcols[None, :]
+    tl.store(part_ptr + out, acc, mask=valid[:, None] & (dcols[None, :] < D))
+    tl.store(total_ptr + split * K + codes, total, mask=valid)
 
 
 def _scales(temperature, metric):
@@ -177,15 +182,23 @@ _rows_backward_tuned = _tuned(_rows_backward_kernel)
 _codes_backward_tuned = _tuned(_codes_backward_kernel)
 
 
-def _launch(kernel, tuned, count_of, *args, dim):
-    """Runs `kernel` over cdiv(count_of(meta), ...) programs: autotuned on a GPU, one small
-    configuration in the interpreter. fp32 dots run as 3 tf32 passes (fp32-like accuracy)."""
+def _launch(kernel, tuned, count_of, *args, dim, splits=1):
+    """Runs `kernel` over (cdiv(count_of(meta), ...), splits) programs: autotuned on a GPU, one
+    small configuration in the interpreter. fp32 dots run as 3 tf32 passes (fp32-like
+    accuracy)."""
     d_pad = max(16, triton.next_power_of_2(dim))
     if interpreting():
         meta = dict(BLOCK_N=16, BLOCK_K=16)
-        kernel[(count_of(meta),)](*args, PRECISION="ieee", DP=d_pad, **meta)
+        kernel[(count_of(meta), splits)](*args, PRECISION="ieee", DP=d_pad, **meta)
     else:
-        tuned[lambda meta: (count_of(meta),)](*args, PRECISION="tf32x3", DP=d_pad)
+        tuned[lambda meta: (count_of(meta), splits)](*args, PRECISION="tf32x3", DP=d_pad)
+
+
+# The code-side backward splits the rows into chunks of SPLIT_ROWS (a multiple of every
+# BLOCK_N) so that a small codebook still fills the GPU; the chunks' partial sums [S, K, D]
+# (at most PARTIAL_BYTES) are added in split order afterwards.
+SPLIT_ROWS = 4096
+PARTIAL_BYTES = 256 << 20
 
 
 def code_distill_loss(student, teacher, codebook, temperature, metric):
@@ -212,9 +225,9 @@ def code_distill_loss_backward(grad_row_kl, student, teacher, codebook, stats, t
     s, t, c = student.contiguous(), teacher.contiguous(), codebook.contiguous()
     num_rows, dim = s.shape
     num_codes = c.shape[0]
-    grad_s, grad_t, grad_c = torch.empty_like(s), torch.empty_like(t), torch.empty_like(c)
+    grad_s, grad_t = torch.empty_like(s), torch.empty_like(t)
     if num_rows == 0:
-        return grad_s, grad_t, grad_c.zero_()
+        return grad_s, grad_t, torch.zeros_like(c)
     dot_scale, norm_scale = _scales(temperature, metric)
     cn = row_sq_norms(c)
     g = grad_row_kl.float().contiguous()
@@ -223,15 +236,25 @@ def code_distill_loss_backward(grad_row_kl, student, teacher, codebook, stats, t
             lambda meta: triton.cdiv(num_rows, meta["BLOCK_N"]),
             g, s, t, c, cn, st, grad_s, grad_t, num_rows, num_codes, dim, dot_scale, norm_scale,
             dim=dim)
+    splits = max(1, min(triton.cdiv(num_rows, SPLIT_ROWS),
+                        PARTIAL_BYTES // (4 * max(num_codes, 1) * dim)))
+    rows_per_split = triton.cdiv(num_rows, splits)
+    if rows_per_split > 128:  # whole row blocks per split (any split is correct)
+        rows_per_split = triton.cdiv(rows_per_split, 128) * 128
+    splits = triton.cdiv(num_rows, rows_per_split)
+    part = torch.empty((splits, num_codes, dim), device=s.device, dtype=torch.float32)
+    total = torch.empty((splits, num_codes), device=s.device, dtype=torch.float32)
     _launch(_codes_backward_kernel, _codes_backward_tuned,
             lambda meta: triton.cdiv(num_codes, meta["BLOCK_K"]),
-            g, s, t, c, cn, st, grad_c, num_rows, num_codes, dim, dot_scale, norm_scale, dim=dim)
-    return grad_s, grad_t, grad_c
+            g, s, t, c, cn, st, part, total, num_rows, num_codes, dim, dot_scale, norm_scale,
+            rows_per_split, dim=dim, splits=splits)
+    grad = dot_scale * part.sum(0) - (2.0 * norm_scale) * total.sum(0)[:, None] * c.float()
+    return grad_s, grad_t, grad.to(c.dtype)
 
 
 # Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed).
 _TYPES = {n: "*fp32" for n in ("grad_ptr", "s_ptr", "t_ptr", "c_ptr", "cn_ptr", "stats_ptr",
-                               "kl_ptr", "gs_ptr", "gt_ptr", "gc_ptr")}
+                               "kl_ptr", "gs_ptr", "gt_ptr", "part_ptr", "total_ptr")}
 _TYPES.update(dot_scale="fp32", norm_scale="fp32")
 COMPILE_CASES = [
     (name, dict(PRECISION="tf32x3", BLOCK_N=64, BLOCK_K=64, DP=64), _TYPES)
