@@ -24,9 +24,9 @@ at::ScalarType weight_dtype(at::ScalarType x_dtype) {
 void check_hash_args(const at::Tensor& x, int64_t tau, double temperature) {
   GTK_CHECK_FLOATING(x);
   GTK_CHECK_DIM(x, 2);
-  TORCH_CHECK(tau >= 1 && tau <= 12, "tau must be in [1, 12], got ", tau);
+  GTK_CHECK(tau >= 1 && tau <= 12, "tau must be in [1, 12], got %lld", static_cast<long long>(tau));
   TORCH_CHECK(x.size(1) % tau == 0, "x's last dim must be divisible by tau");
-  TORCH_CHECK(temperature > 0, "temperature must be positive, got ", temperature);
+  GTK_CHECK(temperature > 0, "temperature must be positive, got %g", static_cast<double>(temperature));
 }
 
 // out[m, t, :] = sum_b weight[b] * table[m, rows[b], :] (+ bias[m, :]); acc holds d values.
