@@ -7,7 +7,7 @@ import traceback
 import torch
 
 from .registry import Unsupported
-from .timing import peak_extra_bytes, time_ms
+from .timing import gpu_state, peak_extra_bytes, time_ms
 
 
 def _first(out):
@@ -18,6 +18,11 @@ def _release(device):
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+def _clock_note(row):
+    state = row.get("gpu_state")
+    return f" [SM {state['clocks.sm']} MHz]" if state else ""
 
 
 def _fwd_bwd(forward, grad_tensors, grad_out):
@@ -54,6 +59,7 @@ def run_case(problem, impl, inputs, state, device, timing):
         row["fwd_ms"] = time_ms(forward, device, **timing)
         if step is not None:
             row["fwd_bwd_ms"] = time_ms(step, device, **timing)
+        row["gpu_state"] = gpu_state(device)
         row["peak_bytes"] = peak_extra_bytes(step or forward, device)
     except Unsupported as exc:
         row["error"] = f"unsupported: {exc}"
@@ -99,7 +105,8 @@ def run_all(registry, device, quick, families=None, problems=None, impls=None, t
             log(" " + (row["error"] or f"fwd {row['fwd_ms']:.3f} ms"
                        + (f", {'train step' if problem.train_step else 'fwd+bwd'} "
                           f"{row['fwd_bwd_ms']:.3f} ms" if row["fwd_bwd_ms"] else "")
-                       + (f"; {row['check']}" if row["check"] else "")))
+                       + (f"; {row['check']}" if row["check"] else "")
+                       + _clock_note(row)))
             if on_row is not None:
                 on_row(rows)
         del inputs, state

@@ -1,5 +1,7 @@
 """Timing and memory measurement: CUDA events on the GPU (do_bench median), wall clock on CPU."""
+import shutil
 import statistics
+import subprocess
 import time
 
 import torch
@@ -35,3 +37,27 @@ def peak_extra_bytes(fn, device):
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
+
+
+GPU_STATE_FIELDS = ("clocks.sm", "clocks.mem", "power.draw", "temperature.gpu",
+                    "clocks_throttle_reasons.active")
+
+
+def gpu_state(device):
+    """The GPU's state just after a timed case, as nvidia-smi reads it: {field: value} for
+    GPU_STATE_FIELDS (SM and memory clock MHz, power W, temperature C, the active
+    clock-throttle reasons bit mask), or None off CUDA or without nvidia-smi. The same kernels
+    have timed up to 1.5x apart between processes on the H200; this shows whether the clocks
+    moved with them."""
+    if device != "cuda" or shutil.which("nvidia-smi") is None:
+        return None
+    query = ["nvidia-smi", f"--query-gpu={','.join(GPU_STATE_FIELDS)}",
+             "--format=csv,noheader,nounits", "-i", str(torch.cuda.current_device())]
+    try:
+        done = subprocess.run(query, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    values = [v.strip() for v in done.stdout.strip().split(",")]
+    if done.returncode != 0 or len(values) != len(GPU_STATE_FIELDS):
+        return None
+    return dict(zip(GPU_STATE_FIELDS, values))
