@@ -4,8 +4,9 @@
 // A failed check formats its message with vsnprintf and hands c10 a C string. On the H200
 // test machine (torch 2.11, the extension built there), every TORCH_CHECK of this library
 // whose message carried a number (built by c10::str through std::ostream) ended the process
-// with SIGSEGV, while the same checks with a literal message, and torch's own checks, raised
-// RuntimeError (devices probe, 2026-11-29). So no check here streams its message.
+// with SIGSEGV, while checks with a literal-only message (even in the same function) and
+// torch's own checks raised RuntimeError (device probe, 2026-11-29). So no check here streams
+// its message.
 #pragma once
 
 #include <ATen/ATen.h>
