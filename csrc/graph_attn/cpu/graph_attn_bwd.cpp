@@ -1,6 +1,7 @@
 // CPU backward of graph_attention, without atomics:
 //   1. per destination i (CSR): p_e = exp(s_e - lse_i), ds_e = p_e (dO_i . (v_j + a_e) - delta_i)
-//      with delta_i = dO_i . O_i - dlse_i; dq_i = scale sum_e ds_e (k_j + a_e); the per-edge
+//      with delta_i = dO_i . O_i - dlse_i, evaluated as p_e ((dO_i . (v_j + a_e) - dO_i . O_i)
+//      + dlse_i) (see window_attn_backward.cpp); dq_i = scale sum_e ds_e (k_j + a_e); the per-edge
 //      grads d_edge_bias_e = ds_e and d_edge_attr_e = scale ds_e q_i + p_e dO_i; p and ds kept.
 //   2. per source j (CSC): dk_j = scale sum_e ds_e q_i, dv_j = sum_e p_e dO_i.
 #include <ATen/Parallel.h>
@@ -34,15 +35,15 @@ void destination_pass(const BackwardArgs<scalar_t>& a, const index_t* indices) {
   const int64_t H = a.H, D = a.D, HD = H * D;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, a.N, node_grain(a.N, a.E, HD), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_row(HD), dout_row(HD), dq_row(HD), key(D), value(D), delta(H), grad(D);
+    std::vector<acc_t> q_row(HD), dout_row(HD), dq_row(HD), key(D), value(D), dout_out(H),
+        grad(D);
     for (int64_t i = begin; i < end; ++i) {
       load_row(a.q + i * HD, q_row.data(), HD);
       load_row(a.grad_out + i * HD, dout_row.data(), HD);
       std::fill(dq_row.begin(), dq_row.end(), acc_t(0));
       for (int64_t h = 0; h < H; ++h) {
         load_row(a.out + i * HD + h * D, value.data(), D);
-        delta[h] = dot(dout_row.data() + h * D, value.data(), D);
-        if (a.grad_lse) delta[h] -= a.grad_lse[i * H + h];
+        dout_out[h] = dot(dout_row.data() + h * D, value.data(), D);
       }
       for (int64_t e = a.indptr[i]; e < a.indptr[i + 1]; ++e) {
         const int64_t j = static_cast<int64_t>(indices[e]);
@@ -55,7 +56,8 @@ void destination_pass(const BackwardArgs<scalar_t>& a, const index_t* indices) {
           acc_t s = a.scale * dot(q_h, key_j, D);
           if (a.edge_bias) s += static_cast<acc_t>(a.edge_bias[e * H + h]);
           const acc_t p = s == neg_inf ? acc_t(0) : std::exp(s - a.lse[i * H + h]);
-          const acc_t ds = p * (dot(dout_h, value_j, D) - delta[h]);
+          const acc_t dlse = a.grad_lse ? a.grad_lse[i * H + h] : acc_t(0);
+          const acc_t ds = p * ((dot(dout_h, value_j, D) - dout_out[h]) + dlse);
           a.prob[e * H + h] = p;
           a.dscore[e * H + h] = ds;
           scale_add(dq_row.data() + h * D, acc_t(1), ds, key_j, D);

@@ -2,7 +2,10 @@
 //   p_ij = exp(s_ij - lse_i), dp_ij = dO_i . v_j, ds_ij = p_ij (dp_ij - delta_i),
 //   delta_i = dO_i . O_i - dlse_i;  dq_i = scale sum_j ds_ij k_j,
 //   dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i p_ij dO_i.
-// Pass 1 owns queries (delta, dq), pass 2 owns keys (dk, dv): each output row is written by one
+// ds is evaluated as p_ij ((dp_ij - dO_i . O_i) + dlse_i): the same algebra, but a query with
+// one key (O_i = v_j, p = 1) gets ds = dlse exactly instead of dlse with the rounding error of
+// dO . O - dlse, which is large relative to a small dlse.
+// Pass 1 owns queries (dO . O, dq), pass 2 owns keys (dk, dv): each output row is written by one
 // task, so the result is deterministic without atomics.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,13 +27,15 @@ struct BackwardArgs {
   const scalar_t *grad_out, *q, *k, *v, *out;
   const acc_t* grad_lse;  // may be null
   const acc_t* lse;
-  acc_t* delta;
+  acc_t* dout_out;  // dO_i . O_i
+
+  acc_t dlse(int64_t row) const { return grad_lse != nullptr ? grad_lse[row] : acc_t(0); }
   scalar_t *grad_q, *grad_k, *grad_v;
   int64_t batch, heads, dim;
   acc_t scale;
 };
 
-// Pass 1: delta_i and dq_i for every (b, i, h).
+// Pass 1: dO_i . O_i and dq_i for every (b, i, h).
 template <typename scalar_t>
 void query_pass(const BackwardArgs<scalar_t>& a, const WindowSpec& spec) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -45,16 +50,16 @@ void query_pass(const BackwardArgs<scalar_t>& a, const WindowSpec& spec) {
       const int64_t key_base = (row / (heads * n)) * n * heads + h;
       load_row(q_row.data(), a.q + row * dim, dim);
       load_row(do_row.data(), a.grad_out + row * dim, dim);
-      acc_t delta = dot_row(do_row.data(), a.out + row * dim, dim);
-      if (a.grad_lse != nullptr) delta -= a.grad_lse[row];
-      a.delta[row] = delta;
+      const acc_t dout_out = dot_row(do_row.data(), a.out + row * dim, dim);
+      const acc_t dlse = a.dlse(row);
+      a.dout_out[row] = dout_out;
       const acc_t lse = a.lse[row];
       std::fill(dq.begin(), dq.end(), acc_t(0));
       for_each_key(spec, i, [&](int64_t j) {
         const int64_t key_row = key_base + j * heads;
         const scalar_t* k_row = a.k + key_row * dim;
         const acc_t p = std::exp(dot_row(q_row.data(), k_row, dim) * a.scale - lse);
-        const acc_t ds = p * (dot_row(do_row.data(), a.v + key_row * dim, dim) - delta);
+        const acc_t ds = p * ((dot_row(do_row.data(), a.v + key_row * dim, dim) - dout_out) + dlse);
         axpy_row(dq.data(), ds, k_row, dim);
       });
       for (int64_t c = 0; c < dim; ++c) {
@@ -86,7 +91,8 @@ void key_pass(const BackwardArgs<scalar_t>& a, const WindowSpec& spec) {
         const scalar_t* q_row = a.q + query_row * dim;
         const scalar_t* do_row = a.grad_out + query_row * dim;
         const acc_t p = std::exp(dot_row(k_row.data(), q_row, dim) * a.scale - a.lse[query_row]);
-        const acc_t ds = p * (dot_row(v_row.data(), do_row, dim) - a.delta[query_row]);
+        const acc_t ds =
+            p * ((dot_row(v_row.data(), do_row, dim) - a.dout_out[query_row]) + a.dlse(query_row));
         axpy_row(dv.data(), p, do_row, dim);
         axpy_row(dk.data(), ds, q_row, dim);
       });
@@ -109,16 +115,16 @@ void backward_passes(const at::Tensor& grad_out, const std::optional<at::Tensor>
   const at::Tensor lse = lse_in.to(acc_dtype).contiguous();
   at::Tensor grad_lse;
   if (grad_lse_in.has_value()) grad_lse = grad_lse_in->to(acc_dtype).contiguous();
-  at::Tensor delta = at::empty(lse.sizes(), lse.options());
+  at::Tensor dout_out = at::empty(lse.sizes(), lse.options());
   BackwardArgs<scalar_t> args{grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
                               k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                               out.data_ptr<scalar_t>(),
                               grad_lse.defined() ? grad_lse.data_ptr<acc_t>() : nullptr,
-                              lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+                              lse.data_ptr<acc_t>(), dout_out.data_ptr<acc_t>(),
                               grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
                               grad_v.data_ptr<scalar_t>(), q.size(0), q.size(2), q.size(3),
                               static_cast<acc_t>(scale)};
-  query_pass(args, spec);  // delta and dq first: the key pass reads delta
+  query_pass(args, spec);  // dO . O and dq first: the key pass reads dO . O
   key_pass(args, spec);
 }
 
