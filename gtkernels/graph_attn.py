@@ -165,6 +165,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(indptr, indices, csc_indptr, csc_indices, csc_edge_ids, q, k, v,
                           edge_bias, edge_attr, out, lse)
     ctx.scale = scale
+    # An unused output's gradient stays None (the usual lse): no zero tensor is filled for it
+    # and the kernels skip its term.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_lse):

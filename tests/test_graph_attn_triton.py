@@ -107,6 +107,47 @@ def test_triton_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+def test_schedule_counts_are_exact():
+    from gtkernels.triton.graph_schedule import segment_schedule
+
+    chunk, degree = 4, torch.tensor([0, 3, 4, 5, 9, 0, 12, 1])
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), degree.cumsum(0)]).to(_device())
+    exact = segment_schedule(indptr, int(degree.sum()), chunk)
+    bound = segment_schedule(indptr, int(degree.sum()), chunk, exact=False)
+    segments = torch.clamp((degree + chunk - 1) // chunk, min=1)
+    split = segments > 1
+    assert (exact.num_segments, exact.num_split) == (int(segments.sum()), int(split.sum()))
+    assert exact.num_partials == int(segments[split].sum())
+    assert bound.num_segments >= exact.num_segments and bound.num_split >= exact.num_split
+    assert bound.num_partials >= exact.num_partials
+    # the exact lists are the bounds' lists without their padding (rows >= num_rows)
+    assert torch.equal(bound.seg_row[:exact.num_segments], exact.seg_row)
+    assert bool((bound.seg_row[exact.num_segments:] >= len(degree)).all())
+    assert torch.equal(bound.split_row[:exact.num_split], exact.split_row)
+    assert torch.equal(exact.split_row.cpu(), torch.nonzero(split).flatten().int())
+
+
+def test_triton_kernels_under_capture_bounds_match_exact_counts(monkeypatch):
+    """Schedules first built during CUDA-graph capture take upper bounds (no host sync):
+    same results, bit for bit."""
+    from gtkernels.triton import graph_schedule
+
+    device = _device()
+    n, e, hub = 10, 30, 25
+    edge_index = random_edge_index(n, e, hub_edges=hub, device=device)
+    edge_index[0, :hub] = 3
+    inputs = attention_inputs(n, e + hub, 2, 16, device=device, bias=True, attr=True)
+    grad_out = torch.randn(n, 2, 16, device=device)
+    results = []
+    for can_sync in (True, False):
+        monkeypatch.setattr(graph_schedule, "can_sync", lambda indptr: can_sync)
+        g = gk.Graph.from_edge_index(edge_index, num_nodes=n)  # fresh indptr: not cached
+        out, lse, grads, _ = launch(g, inputs, grad_out, 0.25, chunk=4)
+        results.append([out, lse, *grads])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("h,d", [(3, 20), (2, 64), (1, 1)])
 def test_triton_kernels_read_qkv_views_in_place(h, d):
     """q, k, v sliced from one [N, 3, H, D] projection (row stride 3 H D, as GraphAttention
