@@ -8,6 +8,13 @@
   the (flagged row, code chunk) items and write each chunk's k best, and
   ``_merge_topk_kernel`` merges a row's chunks. Ties go to the lowest index everywhere, so the
   result does not depend on the split.
+
+The float64 kernels launch with ``enable_fp_fusion=False``: with fma contraction a sum of
+squares rounds differently depending on which product the compiler fuses, and on sm_90 it fused
+differently for different register slots of one tile, so two copies of one code got float64
+distances one ulp apart and the tie went to the wrong copy. Without contraction each product
+and sum is rounded once, in an order fixed by the tile layout (the same for every code), so
+equal codes get bitwise equal distances and the lowest-index rule decides their order.
 """
 import torch
 import triton
@@ -179,7 +186,7 @@ def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides):
     _rerank_kernel[(triton.cdiv(rows, rerank_rows),)](
         x3, cb3, cand, flag, dist, idx, rows, num_groups, num_codes, dim, *strides,
         METRIC=metric_id, K_SEL=k, CAND=cand_slots, ROWS=rerank_rows, BLOCK_D=block_d,
-        num_warps=4)
+        num_warps=4, enable_fp_fusion=False)
     order, count = flagged_rows(flag.view(-1))
     # Chunks of SPLIT_CODES codes, fewer where every row's k results per chunk would not fit.
     max_splits = max(1, PARTIALS_BYTES // (16 * k * rows))
@@ -191,7 +198,7 @@ def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides):
     _split_topk_kernel[(programs,)](
         x3, cb3, order, count, part_d, part_i, num_groups, num_codes, dim, *strides,
         num_splits, split_codes, METRIC=metric_id, K_SEL=k, BLOCK=64, BLOCK_D=block_d,
-        num_warps=4)
+        num_warps=4, enable_fp_fusion=False)
     _merge_topk_kernel[(programs,)](order, count, part_d, part_i, dist, idx, num_codes,
                                     num_splits * k, K_SEL=k, BLOCK=128, num_warps=4)
 
@@ -200,10 +207,14 @@ def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides):
 _TYPES = {"x_ptr": "*fp32", "c_ptr": "*fp32", "cand_ptr": "*i32", "flag_ptr": "*i8",
           "dist_ptr": "*fp32", "idx_ptr": "*i64", "order_ptr": "*i64", "count_ptr": "*i64",
           "part_d_ptr": "*fp64", "part_i_ptr": "*i64"}
+_NO_FMA = {"enable_fp_fusion": False}
 COMPILE_CASES = [
-    ("_rerank_kernel", dict(METRIC=0, K_SEL=1, CAND=16, ROWS=8, BLOCK_D=16), _TYPES),
-    ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, BLOCK=64, BLOCK_D=16), _TYPES),
-    ("_split_topk_kernel", dict(METRIC=2, K_SEL=4, BLOCK=64, BLOCK_D=8), _TYPES),
+    ("_rerank_kernel", dict(METRIC=0, K_SEL=1, CAND=16, ROWS=8, BLOCK_D=16), _TYPES, _NO_FMA),
+    # Unit strides as the JIT specialises them: the tile layout that fused unevenly (k = 8).
+    ("_rerank_kernel", dict(METRIC=0, K_SEL=8, CAND=16, ROWS=8, BLOCK_D=16, sxd=1, scd=1),
+     _TYPES, _NO_FMA),
+    ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, BLOCK=64, BLOCK_D=16), _TYPES, _NO_FMA),
+    ("_split_topk_kernel", dict(METRIC=2, K_SEL=4, BLOCK=64, BLOCK_D=8), _TYPES, _NO_FMA),
     ("_merge_topk_kernel", dict(K_SEL=1, BLOCK=128), _TYPES),
     ("_merge_topk_kernel", dict(K_SEL=8, BLOCK=128), _TYPES),
 ]
