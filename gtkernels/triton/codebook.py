@@ -185,24 +185,20 @@ def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, bias_ptr, eps_ptr, cand_pt
 
 def _prune_scan_configs(configs, named_args, **kwargs):
     """x in registers (BLOCK_D = padded D) up to D = 256, D chunks of 32 or 64 above 64; 128
-    lanes for k > 16 (more candidate slots); x tiles of at most 128 x 256; per-lane state of
-    at most 96 values per thread (128 when packed: best and runner-up only)."""
+    lanes for k > 16 (more candidate slots); x tiles of at most 128 x 256."""
     d_pad = max(16, triton.next_power_of_2(named_args["D"]))
-    state_per_element = 2 if kwargs["PACK"] else 3
-    state_limit = 128 if kwargs["PACK"] else 96
     keep = [c for c in configs
             if ((c.kwargs["BLOCK_D"] == d_pad and d_pad <= 256)
                 or (d_pad > 64 and c.kwargs["BLOCK_D"] in (32, 64)))
             and (kwargs["K_SEL"] <= 16 or c.kwargs["LANES_"] == 128)
-            and c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"] <= 128 * 256
-            and (state_per_element * c.kwargs["BLOCK_N"] * c.kwargs["LANES_"]
-                 <= state_limit * 32 * c.num_warps)]
+            and c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"] <= 128 * 256]
     return keep or configs[:1]
 
 
-# (rows, lanes, warps); the last three only fit the packed state.
+# (rows, lanes, warps): the per-lane state (best, index, runner-up) is 3 * rows * lanes values
+# in registers, at most 96 per thread (packed: 2, but 64 per thread spills, ptxas sm_90a).
 _SCAN_SHAPES = [(64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 32, 4), (256, 32, 8),
-                (32, 128, 4), (128, 64, 4), (256, 32, 4), (256, 64, 8)]
+                (32, 128, 4)]
 _scan_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "LANES_": lanes, "BLOCK_D": bd}, num_warps=w,
                            num_stages=3)
