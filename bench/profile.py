@@ -46,11 +46,15 @@ def main(argv=None):
         for im in impls:
             if (args.impl and im.name not in args.impl) or (not args.impl and not im.ours):
                 continue
-            forward = im.build(inputs)
+            built = im.build(inputs)
+            forward = built.forward if prob.train_step else built
             print(f"\n### {prob.family}/{prob.name} {im.name}: forward, {REPEATS} calls")
             print(kernel_table(forward, device, args.rows))
             grads = [inputs[g] for g in prob.grads]
-            if im.backward and grads:
+            if prob.train_step:
+                print(f"\n### {prob.family}/{prob.name} {im.name}: train step, {REPEATS} calls")
+                print(kernel_table(built.step, device, args.rows))
+            elif im.backward and grads:
                 grad_out = torch.randn_like(_first(forward()))
                 step = _fwd_bwd(forward, grads, grad_out)
                 print(f"\n### {prob.family}/{prob.name} {im.name}: forward+backward, "

@@ -116,6 +116,8 @@ class Graph:
     def to(self, device):
         """The same graph on `device` (self if already there)."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if device == self.device:
             return self
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

@@ -11,8 +11,9 @@ Forward: the parts' (out, lse) are merged by log-sum-exp (exact: no key is in tw
 Backward: with the final lse and delta = dO . O - dlse, the flash-attention gradient of each
 part is exact on its own; the parts are summed in a fixed order (deterministic). On CUDA the
 band kernel continues the edge part's softmax and takes the global keys (and, backward, the
-global queries and the edge part's gradients) in the same pass; the global rows run as small
-Triton passes (gtkernels/triton/graph_union.py). On the CPU the edge and band parts are the
+global queries and the edge part's gradients) in the same pass, and delta is computed once,
+by the edge part's kernel; the global rows run as small Triton passes
+(gtkernels/triton/graph_union.py). On the CPU the edge and band parts are the
 C++ kernels and the global parts plain torch.
 The masks are built inside the op with torch ops from the CSR, without host syncs, and kept
 for as long as the graph's indices and the global_nodes tensor live (unmodified).
@@ -153,6 +154,7 @@ def _on_triton(q):
 def _union_forward(indptr, indices, csc_indptr, csc_indices, csc_edge_ids, q, k, v, edge_bias,
                    edge_attr, scale, window, dilation, global_nodes):
     graph = (indptr, indices, csc_indptr, csc_indices, csc_edge_ids)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # one copy for all the parts
     masks = cached_union_masks(indptr, indices, window, dilation, global_nodes)
     glob, global_keys, global_rows = masks.glob, masks.global_keys, masks.global_rows
     edge_part = torch.ops.gtkernels.graph_attention(*graph, q, k, v, edge_bias, edge_attr, scale)
@@ -182,16 +184,16 @@ def _union_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indices, csc_
                     csc_indices, csc_edge_ids, edge_bias, edge_attr, scale, window, dilation,
                     global_nodes):
     graph = (indptr, indices, csc_indptr, csc_indices, csc_edge_ids)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     masks = cached_union_masks(indptr, indices, window, dilation, global_nodes)
     glob, global_keys, global_rows = masks.glob, masks.global_keys, masks.global_rows
-    dq, dk, dv, d_bias, d_attr = torch.ops.gtkernels.graph_attention_backward(
-        grad_out, grad_lse, q, k, v, out, lse, *graph, edge_bias, edge_attr, scale)
     if _on_triton(q):
         from .triton.graph_union import union_backward
 
-        dq, dk, dv = union_backward(grad_out, grad_lse, q, k, v, out, lse, masks, (dq, dk, dv),
-                                    window, dilation, scale)
-        return dq, dk, dv, d_bias, d_attr
+        return union_backward(grad_out, grad_lse, q, k, v, out, lse, graph, edge_bias,
+                              edge_attr, masks, window, dilation, scale)
+    dq, dk, dv, d_bias, d_attr = torch.ops.gtkernels.graph_attention_backward(
+        grad_out, grad_lse, q, k, v, out, lse, *graph, edge_bias, edge_attr, scale)
     acc = _accumulation_dtype(q.dtype)
     dq, dk, dv = dq.to(acc), dk.to(acc), dv.to(acc)
     if window > 0:

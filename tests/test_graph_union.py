@@ -33,6 +33,14 @@ def globals_tensor(nodes, device):
     return None if nodes is None else torch.tensor(nodes, dtype=torch.int64, device=device)
 
 
+def differentiable_case(n, e, h, d, nodes, device, dtype=torch.float32):
+    """(graph, [q, k, v, edge_bias, edge_attr] requiring grad, global nodes) of a random union."""
+    g, _ = union_graph(n, e, device)
+    inputs = attention_inputs(n, g.num_edges, h, d, dtype=dtype, device=device, bias=True,
+                              attr=True, requires_grad=True)
+    return g, inputs, globals_tensor(nodes, device)
+
+
 def run_union(attention, leaves, edge_index_or_graph, bias, attr, window, dilation, glob):
     q, k, v, *extra = leaves
     extra = iter(extra)
@@ -132,10 +140,7 @@ def test_empty_graphs(device, n):
 @pytest.mark.parametrize("window,dilation,nodes", [(2, 2, [0, 4]), (0, 1, [3]), (3, 1, None)])
 def test_gradcheck(window, dilation, nodes):
     n = 9
-    g, _ = union_graph(n, 25, "cpu")
-    inputs = attention_inputs(n, g.num_edges, 2, 4, dtype=torch.float64, bias=True, attr=True,
-                              requires_grad=True)
-    glob = globals_tensor(nodes, "cpu")
+    g, inputs, glob = differentiable_case(n, 25, 2, 4, nodes, "cpu", dtype=torch.float64)
 
     def f(q, k, v, bias, attr):
         return gk.graph_attention(q, k, v, g, edge_bias=bias, edge_attr=attr, window=window,
@@ -147,10 +152,7 @@ def test_gradcheck(window, dilation, nodes):
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_backward_is_bitwise_repeatable(device):
     n = 40
-    g, _ = union_graph(n, 200, device)
-    inputs = attention_inputs(n, g.num_edges, 2, 16, device=device, bias=True, attr=True,
-                              requires_grad=True)
-    glob = globals_tensor([0, 17, 39], device)
+    g, inputs, glob = differentiable_case(n, 200, 2, 16, [0, 17, 39], device)
 
     def grads():
         out = gk.graph_attention(*inputs[:3], g, edge_bias=inputs[3], edge_attr=inputs[4],
@@ -168,10 +170,7 @@ def test_backward_is_bitwise_repeatable(device):
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_compiles_without_graph_break(device):
     n = 15
-    g, _ = union_graph(n, 50, device)
-    inputs = attention_inputs(n, g.num_edges, 2, 8, device=device, bias=True, attr=True,
-                              requires_grad=True)
-    glob = globals_tensor([2, 9], device)
+    g, inputs, glob = differentiable_case(n, 50, 2, 8, [2, 9], device)
 
     def f(q, k, v, edge_bias, edge_attr):
         out = gk.graph_attention(q * 2.0, k, v, g, edge_bias=edge_bias, edge_attr=edge_attr,

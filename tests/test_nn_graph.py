@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import gtkernels as gk
 from tests.nn_graph_reference import (coalesced_edge_index, dense_attention,
@@ -269,3 +271,33 @@ def test_mesh_diffusion_example_runs(tmp_path, baseline):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert "rollout relative L2 error" in result.stdout and png.stat().st_size > 0
+
+
+def test_layer_norm_keeps_autocast_precision():
+    """Under bf16 autocast a bf16 input is normalised in bf16 (no fp32 copies): the result is
+    float64 LayerNorm with the weight and bias rounded to bf16, to bf16 rounding, and so are
+    the gradients; fp32 input and no autocast behave as nn.LayerNorm."""
+    from gtkernels.nn.graph_transformer import AutocastLayerNorm
+
+    norm, plain = AutocastLayerNorm(48), nn.LayerNorm(48)
+    with torch.no_grad():
+        for p in (norm.weight, norm.bias):
+            p.normal_()
+    plain.load_state_dict(norm.state_dict())
+    x = (3 * torch.randn(37, 48) + 1).bfloat16().requires_grad_()
+    grad = torch.randn(37, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    x64 = x.detach().double().requires_grad_()
+    weight, bias = (p.detach().bfloat16().double() for p in (norm.weight, norm.bias))
+    y64 = F.layer_norm(x64, (48,), weight, bias, norm.eps)
+    close(y.double(), y64, 2 ** -7)
+    got = torch.autograd.grad(y, [x, norm.weight, norm.bias], grad.bfloat16())
+    want = torch.autograd.grad(y64, [x64], grad.double())[0]
+    close(got[0].double(), want, 2 ** -6)
+    assert got[1].dtype == got[2].dtype == torch.float32
+    xf = torch.randn(5, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(norm(xf), plain(xf))
+    assert torch.equal(norm(x), plain(x))

@@ -62,9 +62,9 @@ def test_triton_matches_reference(dtype, case):
 
 def test_triton_global_passes_split_and_combine(monkeypatch):
     """Global queries and keys over several chunks: partial results combined in a fixed order."""
-    from gtkernels.triton import window_attn
+    from gtkernels.triton import window_common
 
-    monkeypatch.setattr(window_attn, "MIN_TILES_PER_SPLIT", 1)
+    monkeypatch.setattr(window_common, "MIN_TILES_PER_SPLIT", 1)
     for case in [(1, 61, 1, 16, 2, 2, 3, False), (1, 50, 1, 16, 3, 1, 20, True)]:
         check_against_reference(triton_attention(*case[4:]), case, torch.float32, "cpu")
 

@@ -4,8 +4,9 @@
 
 The module lists its cases in COMPILE_CASES: (kernel name, constexpr values, argument types
 that differ from the default: "*bf16" for *_ptr arguments, "i32" for the others[, compile
-options such as {"num_warps": 1}: 4 warps when left out]). Pointers and d get the
-divisibility-by-16 hint the JIT gives them at the bench sizes.
+options such as {"num_warps": 1}: 4 warps when left out[, text the TTGIR must contain, e.g.
+"warp_group_dot" for Hopper's warp-group MMA]]). Pointers and d get the divisibility-by-16
+hint the JIT gives them at the bench sizes.
 """
 import importlib
 import os
@@ -33,15 +34,17 @@ def compile_case(kernel, constants, arg_types, options=None):
     source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": 4, **(options or {})})
-    return compiled.asm["ptx"]
+    return compiled.asm
 
 
 def main(module_name):
     module = importlib.import_module(module_name)
-    for name, constants, arg_types, *options in module.COMPILE_CASES:
-        ptx = compile_case(getattr(module, name), dict(constants), arg_types, *options)
-        assert "ld.global" in ptx, name
-        print(f"compiled {name} {constants} {options[0] if options else ''}")
+    for name, constants, arg_types, *rest in module.COMPILE_CASES:
+        options, ttgir_has = (rest + [None, None])[:2]
+        asm = compile_case(getattr(module, name), dict(constants), arg_types, options)
+        assert "ld.global" in asm["ptx"], name
+        assert ttgir_has is None or ttgir_has in asm["ttgir"], (name, ttgir_has)
+        print(f"compiled {name} {constants} {options or ''}")
 
 
 if __name__ == "__main__":

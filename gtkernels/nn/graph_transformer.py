@@ -1,4 +1,6 @@
 """Graph transformer layer: the Dwivedi-Bresson layer and the mesh-transformer block."""
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import _validate as V
@@ -102,8 +104,26 @@ class GraphTransformerLayer(nn.Module):
         return x + update if self.pre_norm else norm(x + update)
 
 
+class AutocastLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that keeps autocast's low precision: under autocast a bf16 / fp16 input
+    ``[..., size]`` is normalised in its own dtype (the kernel's statistics are fp32), with the
+    weight and bias rounded to that dtype as autocast rounds a Linear's, and the output has
+    that dtype, instead of autocast's fp32 copy in and fp32 result out, which the next
+    projection casts back. Same parameters and state dict as nn.LayerNorm; outside autocast,
+    or for fp32 / fp64 inputs, it is nn.LayerNorm."""
+
+    def forward(self, x):
+        device = x.device.type
+        if not (torch.is_autocast_enabled(device) and x.dtype in (torch.bfloat16, torch.float16)):
+            return super().forward(x)
+        with torch.autocast(device, enabled=False):
+            weight = None if self.weight is None else self.weight.to(x.dtype)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
 def _norm(kind, size):
-    return nn.LayerNorm(size) if kind == "layer" else nn.BatchNorm1d(size)
+    return AutocastLayerNorm(size) if kind == "layer" else nn.BatchNorm1d(size)
 
 
 def _ffn(dim, mult, dropout):

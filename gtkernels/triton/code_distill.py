@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from ._common import autotune
 from .norms import row_sq_norms
 
 
@@ -29,6 +30,22 @@ def _logits(rows_t, rows_s, codes, cn, dot_scale, norm_scale, PRECISION: tl.cons
 def _load_rows(ptr, rows, mask_rows, cols, D):
     return tl.load(ptr + rows[:, None].to(tl.int64) * D + cols[None, :],
                    mask=mask_rows[:, None] & (cols[None, :] < D), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_codes(c_ptr, cn_ptr, codes, valid, cols, D):
+    """Codes [BK, DP] fp32 and their squared norms [BK] (0 outside `valid`)."""
+    return (_load_rows(c_ptr, codes, valid, cols, D),
+            tl.load(cn_ptr + codes, mask=valid, other=0.0))
+
+
+@triton.jit
+def _row_stats(stats_ptr, grad_ptr, rows, row_mask):
+    """The forward's (lse_a, lse_b, E_p[a - b]) of rows [BN] and their upstream gradient."""
+    lse_a = tl.load(stats_ptr + rows * 3, mask=row_mask, other=0.0)
+    lse_b = tl.load(stats_ptr + rows * 3 + 1, mask=row_mask, other=0.0)
+    expected = tl.load(stats_ptr + rows * 3 + 2, mask=row_mask, other=0.0)
+    return lse_a, lse_b, expected, tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
 
 
 @triton.jit
@@ -48,8 +65,7 @@ def _forward_kernel(s_ptr, t_ptr, c_ptr, cn_ptr, kl_ptr, stats_ptr, N, K, D, dot
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
         valid = codes < K
-        c = _load_rows(c_ptr, codes, valid, dcols, D)
-        cn = tl.load(cn_ptr + codes, mask=valid, other=0.0)
+        c, cn = _load_codes(c_ptr, cn_ptr, codes, valid, dcols, D)
         a, b = _logits(t, s, c, cn, dot_scale, norm_scale, PRECISION)
         diff = a - b
         a = tl.where(valid[None, :], a, float("-inf"))
@@ -91,17 +107,13 @@ def _rows_backward_kernel(grad_ptr, s_ptr, t_ptr, c_ptr, cn_ptr, stats_ptr, gs_p
     dcols = tl.arange(0, DP)
     t = _load_rows(t_ptr, rows, row_mask, dcols, D)
     s = _load_rows(s_ptr, rows, row_mask, dcols, D)
-    lse_a = tl.load(stats_ptr + rows * 3, mask=row_mask, other=0.0)
-    lse_b = tl.load(stats_ptr + rows * 3 + 1, mask=row_mask, other=0.0)
-    expected = tl.load(stats_ptr + rows * 3 + 2, mask=row_mask, other=0.0)
-    g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
+    lse_a, lse_b, expected, g = _row_stats(stats_ptr, grad_ptr, rows, row_mask)
     acc_t = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
     acc_s = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
         valid = codes < K
-        c = _load_rows(c_ptr, codes, valid, dcols, D)
-        cn = tl.load(cn_ptr + codes, mask=valid, other=0.0)
+        c, cn = _load_codes(c_ptr, cn_ptr, codes, valid, dcols, D)
         a, b = _logits(t, s, c, cn, dot_scale, norm_scale, PRECISION)
         ga, gb = _logit_grads(a, b, lse_a, lse_b, expected, g, row_mask[:, None] & valid[None, :])
         acc_t = tl.dot(ga, c, acc_t, input_precision=PRECISION)
@@ -123,8 +135,7 @@ def _codes_backward_kernel(grad_ptr, s_ptr, t_ptr, c_ptr, cn_ptr, stats_ptr, par
     split = tl.program_id(1)
     valid = codes < K
     dcols = tl.arange(0, DP)
-    c = _load_rows(c_ptr, codes, valid, dcols, D)
-    cn = tl.load(cn_ptr + codes, mask=valid, other=0.0)
+    c, cn = _load_codes(c_ptr, cn_ptr, codes, valid, dcols, D)
     acc = tl.zeros([BLOCK_K, DP], dtype=tl.float32)
     total = tl.zeros([BLOCK_K], dtype=tl.float32)
     first = split * rows_per_split
@@ -134,10 +145,7 @@ def _codes_backward_kernel(grad_ptr, s_ptr, t_ptr, c_ptr, cn_ptr, stats_ptr, par
         row_mask = rows < last
         t = _load_rows(t_ptr, rows, row_mask, dcols, D)
         s = _load_rows(s_ptr, rows, row_mask, dcols, D)
-        lse_a = tl.load(stats_ptr + rows * 3, mask=row_mask, other=0.0)
-        lse_b = tl.load(stats_ptr + rows * 3 + 1, mask=row_mask, other=0.0)
-        expected = tl.load(stats_ptr + rows * 3 + 2, mask=row_mask, other=0.0)
-        g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
+        lse_a, lse_b, expected, g = _row_stats(stats_ptr, grad_ptr, rows, row_mask)
         a, b = _logits(t, s, c, cn, dot_scale, norm_scale, PRECISION)
         ga, gb = _logit_grads(a, b, lse_a, lse_b, expected, g, row_mask[:, None] & valid[None, :])
         acc = tl.dot(tl.trans(ga), t, acc, input_precision=PRECISION)
@@ -161,7 +169,7 @@ def _prune_distill_configs(configs, named_args, **kwargs):
 
 
 def _tuned(kernel):
-    return triton.autotune(
+    return autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                  for bn, bk, w, st in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2),
                                        (64, 128, 8, 2), (128, 128, 8, 2), (32, 64, 4, 2),

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from ._common import autotune
 from .codebook_exact import rerank_and_fallback
 from .norms import row_sq_norms
 
@@ -199,7 +200,7 @@ def _prune_scan_configs(configs, named_args, **kwargs):
 # in registers, at most 96 per thread (packed: 2, but 64 per thread spills, ptxas sm_90a).
 _SCAN_SHAPES = [(64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 32, 4), (256, 32, 8),
                 (32, 128, 4)]
-_scan_kernel_tuned = triton.autotune(
+_scan_kernel_tuned = autotune(
     configs=[triton.Config({"BLOCK_N": bn, "LANES_": lanes, "BLOCK_D": bd}, num_warps=w,
                            num_stages=3)
              for bd in (16, 32, 64, 128, 256) for bn, lanes, w in _SCAN_SHAPES],

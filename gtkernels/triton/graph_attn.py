@@ -54,7 +54,7 @@ def _segment_bounds(indptr, seg_row, seg_count, seg_end, part_end, num_rows, num
 @triton.jit
 def _forward_kernel(indptr, indices, q, k, v, edge_bias, edge_attr, out, lse,
                     part_m, part_l, part_acc, seg_row, seg_count, seg_end, part_end,
-                    num_rows, num_segments, scale_log2,
+                    num_rows, num_segments, scale_log2, stride_q, stride_kv,
                     H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_ATTR: tl.constexpr):
@@ -66,7 +66,7 @@ def _forward_kernel(indptr, indices, q, k, v, edge_bias, edge_attr, out, lse,
     head_ok = hs < H
     hd = (hs[:, None] * D + ds[None, :])[None, :, :]                   # [1, BH, BD]
     hd_ok = (head_ok[:, None] & (ds[None, :] < D))[None, :, :]
-    q_i = tl.load(q + row[:, None, None] * (H * D) + hd, mask=live[:, None, None] & hd_ok,
+    q_i = tl.load(q + row[:, None, None] * stride_q + hd, mask=live[:, None, None] & hd_ok,
                   other=0.0).to(tl.float32) * scale_log2
     m = tl.full([BLOCK_S, BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)
@@ -78,7 +78,7 @@ def _forward_kernel(indptr, indices, q, k, v, edge_bias, edge_attr, out, lse,
         j = j_next.to(tl.int64)  # the next source is loaded while this edge's rows arrive
         j_next = tl.load(indices + e + 1, mask=e + 1 < stop, other=0)
         kv_mask = on[:, None, None] & hd_ok
-        kv_off = j[:, None, None] * (H * D) + hd
+        kv_off = j[:, None, None] * stride_kv + hd
         k_j = tl.load(k + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
         v_j = tl.load(v + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
         if HAS_ATTR:
@@ -155,6 +155,20 @@ def _softmax_combine_kernel(split_row, seg_count, part_end, part_m, part_l, part
     tl.store(lse + row * H + hs, lse_row, mask=live & (hs < H))
 
 
+def node_rows(q, k, v):
+    """q, k, v as the kernels read them: rows of contiguous [H, D] blocks at any row stride,
+    k and v with the same one (q, k, v sliced from one [N, 3, H, D] projection are read in
+    place, not copied). Returns (q, k, v, row stride of q, row stride of k and v)."""
+    def rows_ok(t):
+        return (t.shape[2] == 1 or t.stride(2) == 1) and (t.shape[1] == 1
+                                                          or t.stride(1) == t.shape[2])
+    if not rows_ok(q):
+        q = q.contiguous()
+    if not (rows_ok(k) and rows_ok(v) and k.stride(0) == v.stride(0)):
+        k, v = k.contiguous(), v.contiguous()
+    return q, k, v, q.stride(0), k.stride(0)
+
+
 def block_sizes(heads, dim, tile_elems):
     """(BLOCK_S, BLOCK_H, BLOCK_D): all heads and dims of BLOCK_S segments per program."""
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(dim)
@@ -165,9 +179,9 @@ def graph_attention_forward(indptr, indices, csc_indptr, csc_indices, csc_edge_i
                             edge_bias, edge_attr, scale, config=DEFAULT_CONFIG):
     """The CUDA kernel of torch.ops.gtkernels.graph_attention (same arguments and results);
     `config`: LaunchConfig (tests use a small chunk to split rows at small sizes)."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v, stride_q, stride_kv = node_rows(q, k, v)
     n, h, d = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty((n, h, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((n, h), device=q.device,
                       dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     if n == 0 or h == 0:
@@ -183,7 +197,7 @@ def graph_attention_forward(indptr, indices, csc_indptr, csc_indices, csc_edge_i
     _forward_kernel[grid](
         indptr, indices, q, k, v, bias, attr, out, lse, part_m, part_l, part_acc,
         sched.seg_row, sched.seg_count, sched.seg_end, sched.part_end, n, sched.num_segments,
-        scale * LOG2E, H=h, D=d, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d,
+        scale * LOG2E, stride_q, stride_kv, H=h, D=d, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d,
         CHUNK=config.chunk, HAS_BIAS=edge_bias is not None, HAS_ATTR=edge_attr is not None,
         num_warps=config.num_warps)
     if sched.num_split > 0:
@@ -192,3 +206,36 @@ def graph_attention_forward(indptr, indices, csc_indptr, csc_indices, csc_edge_i
             n, H=h, D=d, BLOCK_P=max(1, config.combine_tile // (block_h * block_d)),
             BLOCK_H=block_h, BLOCK_D=block_d, num_warps=config.combine_warps)
     return out, lse
+
+
+# Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed): index arrays int32
+# (indptr int64), node tensors bf16, lse / scratch / partials fp32; H=3, D=20 (odd, masked
+# tiles) and the bench's H=4, D=32, with the default launch config.
+COMPILE_TYPES = {
+    **{n: "*i64" for n in ("indptr", "csc_indptr")},
+    **{n: "*i32" for n in ("indices", "csc_indices", "csc_edge_ids", "seg_row", "seg_count",
+                           "seg_end", "part_end", "split_row")},
+    **{n: "*fp32" for n in ("lse", "grad_lse", "prob", "dscore", "part_m", "part_l", "part_acc",
+                            "part_dq", "part_dk", "part_dv", "part", "delta_out")},
+    **{n: "*bf16" for n in ("q", "k", "v", "out", "dout", "edge_bias", "edge_attr", "dq", "dk",
+                            "dv", "d_edge_attr", "dst")},
+    **{n: "fp32" for n in ("scale", "scale_log2")},
+}
+
+
+def compile_shapes(tile):
+    """(row-pass constexprs, combine constexprs) per compile-checked (H, D), for `tile`."""
+    config = DEFAULT_CONFIG
+    for heads, dim in ((3, 20), (4, 32)):
+        block_s, block_h, block_d = block_sizes(heads, dim, tile)
+        shape = dict(H=heads, D=dim, BLOCK_H=block_h, BLOCK_D=block_d)
+        yield dict(shape, BLOCK_S=block_s, CHUNK=config.chunk), shape
+
+
+COMPILE_CASES = [
+    case for rows, shape in compile_shapes(DEFAULT_CONFIG.fwd_tile) for case in (
+        ("_forward_kernel", dict(rows, HAS_BIAS=True, HAS_ATTR=True), COMPILE_TYPES,
+         {"num_warps": DEFAULT_CONFIG.num_warps}),
+        ("_softmax_combine_kernel", dict(shape, BLOCK_P=8), COMPILE_TYPES,
+         {"num_warps": DEFAULT_CONFIG.combine_warps}))
+]

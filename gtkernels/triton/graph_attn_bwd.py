@@ -3,7 +3,8 @@ float atomics, in two passes over the same segment work lists as the forward:
 
 1. destination pass (CSR): p_e = exp(s_e - lse_i), ds_e = p_e (dO_i . (v_j + a_e) - delta_i),
    delta_i = dO_i . O_i - dlse_i; dq_i = scale sum_e ds_e (k_j + a_e); p and ds are kept per
-   edge ([E, H] fp32), d_edge_attr_e = scale ds_e q_i + p_e dO_i is written per edge.
+   edge ([E, H] fp32), d_edge_attr_e = scale ds_e q_i + p_e dO_i is written per edge, and
+   optionally delta ([N, H] fp32, for graph_attention's union: its other parts reuse it).
 2. source pass (CSC): dk_j = scale sum_e ds_e q_i, dv_j = sum_e p_e dO_i.
 Hub rows/columns write fp32 partial sums that `_sum_combine_kernel` adds in segment order.
 """
@@ -11,18 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .graph_attn import DEFAULT_CONFIG, _segment_bounds, block_sizes
+from .graph_attn import (COMPILE_TYPES, DEFAULT_CONFIG, _segment_bounds, block_sizes,
+                         compile_shapes, node_rows)
 from .graph_schedule import cached_segment_schedule
 
 
 @triton.jit
 def _destination_kernel(indptr, indices, q, k, v, dout, out, lse, grad_lse, edge_bias,
-                        edge_attr, dq, prob, dscore, d_edge_attr, part_dq,
+                        edge_attr, dq, prob, dscore, d_edge_attr, part_dq, delta_out,
                         seg_row, seg_count, seg_end, part_end, num_rows, num_segments, scale,
+                        stride_q, stride_kv,
                         H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_ATTR: tl.constexpr,
-                        HAS_GRAD_LSE: tl.constexpr):
+                        HAS_GRAD_LSE: tl.constexpr, STORE_DELTA: tl.constexpr):
     row, live, start, stop, count, slot = _segment_bounds(
         indptr, seg_row, seg_count, seg_end, part_end, num_rows, num_segments,
         tl.program_id(0), BLOCK_S, CHUNK)
@@ -33,7 +36,8 @@ def _destination_kernel(indptr, indices, q, k, v, dout, out, lse, grad_lse, edge
     hd_ok = (head_ok[:, None] & (ds[None, :] < D))[None, :, :]
     row_mask = live[:, None, None] & hd_ok
     row_off = row[:, None, None] * (H * D) + hd
-    q_i = tl.load(q + row_off, mask=row_mask, other=0.0).to(tl.float32)
+    q_i = tl.load(q + row[:, None, None] * stride_q + hd, mask=row_mask,
+                  other=0.0).to(tl.float32)
     do_i = tl.load(dout + row_off, mask=row_mask, other=0.0).to(tl.float32)
     o_i = tl.load(out + row_off, mask=row_mask, other=0.0).to(tl.float32)
     head_mask = live[:, None] & head_ok[None, :]
@@ -41,6 +45,8 @@ def _destination_kernel(indptr, indices, q, k, v, dout, out, lse, grad_lse, edge
     if HAS_GRAD_LSE:
         delta -= tl.load(grad_lse + row[:, None] * H + hs[None, :], mask=head_mask,
                          other=0.0).to(tl.float32)
+    if STORE_DELTA:  # the segments of a hub row store the same value (same computation)
+        tl.store(delta_out + row[:, None] * H + hs[None, :], delta, mask=head_mask)
     lse_i = tl.load(lse + row[:, None] * H + hs[None, :], mask=head_mask, other=0.0)
     lse_i = lse_i.to(tl.float32) * 1.4426950408889634
     dq_acc = tl.zeros([BLOCK_S, BLOCK_H, BLOCK_D], tl.float32)
@@ -51,7 +57,7 @@ def _destination_kernel(indptr, indices, q, k, v, dout, out, lse, grad_lse, edge
         j = j_next.to(tl.int64)  # prefetched one edge ahead, as in the forward
         j_next = tl.load(indices + e + 1, mask=e + 1 < stop, other=0)
         kv_mask = on[:, None, None] & hd_ok
-        kv_off = j[:, None, None] * (H * D) + hd
+        kv_off = j[:, None, None] * stride_kv + hd
         k_j = tl.load(k + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
         v_j = tl.load(v + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
         if HAS_ATTR:
@@ -82,7 +88,7 @@ def _destination_kernel(indptr, indices, q, k, v, dout, out, lse, grad_lse, edge
 @triton.jit
 def _source_kernel(csc_indptr, csc_indices, csc_edge_ids, q, dout, prob, dscore, dk, dv,
                    part_dk, part_dv, seg_row, seg_count, seg_end, part_end, num_rows,
-                   num_segments, scale, H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                   num_segments, scale, stride_q, H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
     col, live, start, stop, count, slot = _segment_bounds(
         csc_indptr, seg_row, seg_count, seg_end, part_end, num_rows, num_segments,
@@ -108,7 +114,8 @@ def _source_kernel(csc_indptr, csc_indices, csc_edge_ids, q, dout, prob, dscore,
         d_s = tl.load(dscore + e[:, None] * H + hs[None, :], mask=edge_mask, other=0.0)
         node_mask = on[:, None, None] & hd_ok
         node_off = i[:, None, None] * (H * D) + hd
-        q_i = tl.load(q + node_off, mask=node_mask, other=0.0).to(tl.float32)
+        q_i = tl.load(q + i[:, None, None] * stride_q + hd, mask=node_mask,
+                      other=0.0).to(tl.float32)
         do_i = tl.load(dout + node_off, mask=node_mask, other=0.0).to(tl.float32)
         dk_acc += d_s[:, :, None] * q_i
         dv_acc += p[:, :, None] * do_i
@@ -156,14 +163,15 @@ def _combine_sums(sched, part, dst, config):
 
 def graph_attention_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indices, csc_indptr,
                              csc_indices, csc_edge_ids, edge_bias, edge_attr, scale,
-                             config=DEFAULT_CONFIG):
+                             config=DEFAULT_CONFIG, delta=None):
     """The CUDA kernel of torch.ops.gtkernels.graph_attention_backward (same arguments and
-    results); `config` as in graph_attention_forward."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    results); `config` as in graph_attention_forward; `delta`: optional fp32 [N, H]
+    (contiguous), filled with delta = dO . O - dlse."""
+    q, k, v, stride_q, stride_kv = node_rows(q, k, v)
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     n, h, d = q.shape
     num_edges = indices.numel()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+    dq, dk, dv = (torch.empty((n, h, d), device=q.device, dtype=q.dtype) for _ in range(3))
     d_edge_attr = q.new_empty(edge_attr.shape if edge_attr is not None else (0,))
     prob = torch.empty((num_edges, h), device=q.device, dtype=torch.float32)
     dscore = torch.empty_like(prob)
@@ -179,10 +187,12 @@ def graph_attention_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indi
         grad_lse.contiguous() if grad_lse is not None else lse,
         edge_bias.contiguous() if edge_bias is not None else q,
         edge_attr.contiguous() if edge_attr is not None else q,
-        dq, prob, dscore, d_edge_attr, part, rows.seg_row, rows.seg_count, rows.seg_end,
-        rows.part_end, n, rows.num_segments, scale, H=h, D=d, BLOCK_S=block_s, BLOCK_H=block_h,
-        BLOCK_D=block_d, CHUNK=config.chunk, HAS_BIAS=edge_bias is not None,
-        HAS_ATTR=edge_attr is not None, HAS_GRAD_LSE=grad_lse is not None,
+        dq, prob, dscore, d_edge_attr, part, lse if delta is None else delta, rows.seg_row,
+        rows.seg_count, rows.seg_end, rows.part_end, n, rows.num_segments, scale, stride_q,
+        stride_kv, H=h, D=d,
+        BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d, CHUNK=config.chunk,
+        HAS_BIAS=edge_bias is not None, HAS_ATTR=edge_attr is not None,
+        HAS_GRAD_LSE=grad_lse is not None, STORE_DELTA=delta is not None,
         num_warps=config.num_warps)
     _combine_sums(rows, part, dq, config)
 
@@ -192,9 +202,23 @@ def graph_attention_backward(grad_out, grad_lse, q, k, v, out, lse, indptr, indi
     _source_kernel[(triton.cdiv(cols.num_segments, block_s),)](
         csc_indptr, csc_indices, csc_edge_ids, q, grad_out, prob, dscore, dk, dv, part_dk,
         part_dv, cols.seg_row, cols.seg_count, cols.seg_end, cols.part_end, n,
-        cols.num_segments, scale, H=h, D=d, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d,
+        cols.num_segments, scale, stride_q, H=h, D=d, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d,
         CHUNK=config.chunk, num_warps=config.num_warps)
     _combine_sums(cols, part_dk, dk, config)
     _combine_sums(cols, part_dv, dv, config)
     d_edge_bias = dscore.to(q.dtype) if edge_bias is not None else q.new_empty((0,))
     return dq, dk, dv, d_edge_bias, d_edge_attr
+
+
+# Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed); types and shapes as for
+# the forward (graph_attn.COMPILE_TYPES).
+COMPILE_CASES = [
+    case for rows, shape in compile_shapes(DEFAULT_CONFIG.bwd_tile) for case in (
+        ("_destination_kernel", dict(rows, HAS_BIAS=True, HAS_ATTR=True, HAS_GRAD_LSE=True,
+                                         STORE_DELTA=True),
+         COMPILE_TYPES, {"num_warps": DEFAULT_CONFIG.num_warps}),
+        ("_source_kernel", rows, COMPILE_TYPES, {"num_warps": DEFAULT_CONFIG.num_warps}),
+        ("_sum_combine_kernel", dict(HD=shape["H"] * shape["D"], BLOCK_P=8,
+                                     BLOCK_HD=shape["BLOCK_H"] * shape["BLOCK_D"]),
+         COMPILE_TYPES, {"num_warps": DEFAULT_CONFIG.combine_warps}))
+]

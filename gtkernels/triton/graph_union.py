@@ -8,23 +8,26 @@ key rows, either list being a contiguous range of nodes or the global nodes, wit
       in a fixed order) or, without a window, every node from the edge part (INIT) over the
       global keys;
   `_list_dq_kernel`: dq of the global nodes over chunks of keys (partials) or, without a
-      window, every node's delta and dq including the edge part's (ADD_PARTS);
+      window, every node's dq including the edge part's (ADD_PARTS);
   `_list_dkdv_kernel`: dk, dv of the global keys over chunks of queries (partials) or, without
       a window, of every key from the global queries plus the edge part's (ADD_PARTS).
-The backward runs with the final lse and delta, so each part's gradient is exact on its own;
-sums are in fp32 in a fixed order: deterministic, no atomics.
+The chunks' fp32 partials are folded into the global nodes' rows by the kernels of
+union_partials.py. The backward runs with the final lse and delta = dO . O - dlse, computed
+once by the edge part's kernel, so each part's gradient is exact on its own; sums are in fp32
+in a fixed order: deterministic, no atomics.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ..graph_union import merge_stacked
 from . import interpreting
-from .window_attn import (LN2_K, LOG2E, attend_key_list, dot_precision, list_rows, load_node_tile,
-                          load_rows, load_state, prepare_inputs, split_count,
-                          window_attention_forward)
-from .window_attn_backward import (dkdv_query_list, dq_key_list, load_final_lse,
-                                   window_attention_backward)
+from .graph_attn_bwd import graph_attention_backward
+from .union_partials import add_global_row_partials, merge_global_rows
+from .window_attn import attend_key_list, load_state, window_attention_forward
+from .window_attn_backward import window_attention_backward
+from .window_attn_backward_tiles import dkdv_query_list, dq_key_list, load_final_lse
+from .window_common import (LN2_K, LOG2E, dot_precision, list_rows, load_node_tile, load_rows,
+                            prepare_inputs, split_count)
 
 LIST_BLOCK = 16  # tile of the global-node list (G is small)
 
@@ -70,15 +73,14 @@ def _list_forward_kernel(q_ptr, k_ptr, v_ptr, q_list, k_list, live_ptr, init_out
 
 
 @triton.jit
-def _list_dq_kernel(q_ptr, k_ptr, v_ptr, q_list, k_list, live_ptr, out_ptr, do_ptr, lse_ptr,
-                    grad_lse_ptr, delta_ptr, init_dq, dq_ptr, stride_n, stride_h, num_q, num_k,
-                    keys_per_split, live_q_stride, H, D, qk_scale, scale,
-                    Q_FROM_LIST: tl.constexpr, K_FROM_LIST: tl.constexpr,
-                    ADD_PARTS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
+def _list_dq_kernel(q_ptr, k_ptr, v_ptr, q_list, k_list, live_ptr, do_ptr, lse_ptr, delta_ptr,
+                    init_dq, dq_ptr, stride_n, stride_h, num_q, num_k, keys_per_split,
+                    live_q_stride, H, D, qk_scale, scale, Q_FROM_LIST: tl.constexpr,
+                    K_FROM_LIST: tl.constexpr, ADD_PARTS: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr):
-    """dq rows dq_ptr[split * num_q + position]; with ADD_PARTS (one split, node rows) also
-    computes and stores delta = dO . O - dlse and adds init_dq."""
+    """dq rows dq_ptr[split * num_q + position]; with ADD_PARTS (one split, node rows) plus
+    init_dq."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     h = tl.program_id(2)
@@ -88,14 +90,7 @@ def _list_dq_kernel(q_ptr, k_ptr, v_ptr, q_list, k_list, live_ptr, out_ptr, do_p
     head = h.to(tl.int64) * stride_h
     q = load_rows(q_ptr + head, q_rows, q_ok, stride_n, cols, D)
     do = load_rows(do_ptr + h * D, q_rows, q_ok, H * D, cols, D)
-    if ADD_PARTS:
-        delta = tl.sum(do.to(tl.float32) * load_node_tile(out_ptr, q_rows, q_ok, h, H, D, cols),
-                       1)
-        if HAS_GRAD_LSE:
-            delta -= tl.load(grad_lse_ptr + q_rows * H + h, mask=q_ok, other=0.0)
-        tl.store(delta_ptr + q_rows * H + h, delta, mask=q_ok)
-    else:
-        delta = tl.load(delta_ptr + q_rows * H + h, mask=q_ok, other=0.0)
+    delta = tl.load(delta_ptr + q_rows * H + h, mask=q_ok, other=0.0)
     lse2 = load_final_lse(lse_ptr, q_rows, q_ok, h, H)
     lo, hi = split_range(split, keys_per_split, num_k)
     dq = dq_key_list(tl.zeros([BLOCK_M, BLOCK_D], tl.float32), q, do, lse2, delta, k_ptr + head,
@@ -200,65 +195,58 @@ def union_forward(q, k, v, masks, edge_part, window, dilation, scale):
         *run.strides(), run.count, run.n, per_split, run.n, run.heads, run.dim, run.qk_scale,
         Q_FROM_LIST=True, K_FROM_LIST=False, INIT=False, BLOCK_M=LIST_BLOCK,
         BLOCK_N=run.node_block, **run.options)
-    glob = run.glob
-    rows_out, rows_lse = merge_stacked(torch.cat([out[glob].float()[None], part_out]),
-                                       torch.cat([lse[glob][None], part_lse]))
-    out[glob] = rows_out.to(out.dtype)
-    lse[glob] = rows_lse
+    merge_global_rows(out, lse, run.glob, part_out, part_lse)
     return out, lse
 
 
-def union_backward(grad_out, grad_lse, q, k, v, out, lse, masks, edge_grads, window, dilation,
-                   scale):
-    """(dq, dk, dv) [N, H, D] in q's dtype of the union given the final out, lse and the edge
-    part's (dq, dk, dv) computed with them."""
-    run = Launch(q, k, v, masks, scale)
-    if run.n == 0:
-        return [q.new_empty(q.shape) for _ in range(3)]
+def union_backward(grad_out, grad_lse, q, k, v, out, lse, graph, edge_bias, edge_attr, masks,
+                   window, dilation, scale):
+    """(dq, dk, dv [N, H, D] in q's dtype, d_edge_bias, d_edge_attr) of the union given the
+    final out, lse; graph = (indptr, indices, csc_indptr, csc_indices, csc_edge_ids). The edge
+    part's kernel runs first and computes delta = dO . O - dlse for all the passes."""
     grad_out = grad_out.to(q.dtype).contiguous()
     out, lse = out.contiguous(), lse.float().contiguous()
     grad_lse = None if grad_lse is None else grad_lse.float().contiguous()
-    run.init_dq, run.init_dk, run.init_dv = (t.contiguous() for t in edge_grads)
-    run.delta = torch.empty_like(lse)
+    delta = torch.empty_like(lse)
+    dq, dk, dv, d_edge_bias, d_edge_attr = graph_attention_backward(
+        grad_out, grad_lse, q, k, v, out, lse, *graph, edge_bias, edge_attr, scale, delta=delta)
+    if q.numel() == 0:
+        return dq, dk, dv, d_edge_bias, d_edge_attr
+    run = Launch(q, k, v, masks, scale)
+    run.init_dq, run.init_dk, run.init_dv, run.delta = dq, dk, dv, delta
     scales = (run.heads, run.dim, run.qk_scale, scale)
     if window > 0:
         grads = [t[0] for t in window_attention_backward(
-            grad_out[None], None if grad_lse is None else grad_lse[None], run.q[None],
-            run.k[None], run.v[None], out[None], lse[None], window, dilation, 0, False, scale,
-            masks.band_exclude, run)]
+            grad_out[None], None, run.q[None], run.k[None], run.v[None], out[None], lse[None],
+            window, dilation, 0, False, scale, masks.band_exclude, run)]
     else:
         grads = [q.new_empty(q.shape) for _ in range(3)]
         _list_dq_kernel[run.grid(run.n, run.node_block)](
-            run.q, run.k, run.v, run.glob, run.glob, run.keys_live, out, grad_out, lse,
-            lse if grad_lse is None else grad_lse, run.delta, run.init_dq, grads[0],
-            *run.strides(), run.n, run.count, max(run.count, 1), run.count, *scales,
-            Q_FROM_LIST=False, K_FROM_LIST=True, ADD_PARTS=True,
-            HAS_GRAD_LSE=grad_lse is not None, BLOCK_M=run.node_block, BLOCK_N=LIST_BLOCK,
-            **run.options)
+            run.q, run.k, run.v, run.glob, run.glob, run.keys_live, grad_out, lse, delta, dq,
+            grads[0], *run.strides(), run.n, run.count, max(run.count, 1), run.count, *scales,
+            Q_FROM_LIST=False, K_FROM_LIST=True, ADD_PARTS=True, BLOCK_M=run.node_block,
+            BLOCK_N=LIST_BLOCK, **run.options)
         _list_dkdv_kernel[run.grid(run.n, run.node_block)](
-            run.q, run.k, run.v, run.glob, run.glob, run.rows_live, grad_out, lse, run.delta,
-            run.init_dk, run.init_dv, grads[1], grads[2], *run.strides(), run.count, run.n,
-            max(run.count, 1), run.n, *scales, Q_FROM_LIST=True, K_FROM_LIST=False,
-            ADD_PARTS=True, BLOCK_M=LIST_BLOCK, BLOCK_N=run.node_block, **run.options)
-    if run.count == 0:
-        return grads
-    splits, per_split = run.splits()
-    part_dq = q.new_empty((splits, run.count, run.heads, run.dim), dtype=torch.float32)
-    part_dk, part_dv = torch.empty_like(part_dq), torch.empty_like(part_dq)
-    _list_dq_kernel[run.grid(run.count, LIST_BLOCK, splits)](
-        run.q, run.k, run.v, run.glob, run.glob, run.rows_live, out, grad_out, lse, lse,
-        run.delta, part_dq, part_dq, *run.strides(), run.count, run.n, per_split, run.n,
-        *scales, Q_FROM_LIST=True, K_FROM_LIST=False, ADD_PARTS=False, HAS_GRAD_LSE=False,
-        BLOCK_M=LIST_BLOCK, BLOCK_N=run.node_block, **run.options)
-    _list_dkdv_kernel[run.grid(run.count, LIST_BLOCK, splits)](
-        run.q, run.k, run.v, run.glob, run.glob, run.keys_live, grad_out, lse, run.delta,
-        part_dk, part_dv, part_dk, part_dv, *run.strides(), run.n, run.count, per_split,
-        run.count, *scales, Q_FROM_LIST=False, K_FROM_LIST=True, ADD_PARTS=False,
-        BLOCK_M=run.node_block, BLOCK_N=LIST_BLOCK, **run.options)
-    glob = run.glob
-    for grad, part in zip(grads, (part_dq, part_dk, part_dv)):
-        grad[glob] = (grad[glob].float() + part.sum(0)).to(grad.dtype)
-    return grads
+            run.q, run.k, run.v, run.glob, run.glob, run.rows_live, grad_out, lse, delta, dk,
+            dv, grads[1], grads[2], *run.strides(), run.count, run.n, max(run.count, 1), run.n,
+            *scales, Q_FROM_LIST=True, K_FROM_LIST=False, ADD_PARTS=True, BLOCK_M=LIST_BLOCK,
+            BLOCK_N=run.node_block, **run.options)
+    if run.count > 0:
+        splits, per_split = run.splits()
+        part_dq = q.new_empty((splits, run.count, run.heads, run.dim), dtype=torch.float32)
+        part_dk, part_dv = torch.empty_like(part_dq), torch.empty_like(part_dq)
+        _list_dq_kernel[run.grid(run.count, LIST_BLOCK, splits)](
+            run.q, run.k, run.v, run.glob, run.glob, run.rows_live, grad_out, lse, delta,
+            part_dq, part_dq, *run.strides(), run.count, run.n, per_split, run.n, *scales,
+            Q_FROM_LIST=True, K_FROM_LIST=False, ADD_PARTS=False, BLOCK_M=LIST_BLOCK,
+            BLOCK_N=run.node_block, **run.options)
+        _list_dkdv_kernel[run.grid(run.count, LIST_BLOCK, splits)](
+            run.q, run.k, run.v, run.glob, run.glob, run.keys_live, grad_out, lse, delta,
+            part_dk, part_dv, part_dk, part_dv, *run.strides(), run.n, run.count, per_split,
+            run.count, *scales, Q_FROM_LIST=False, K_FROM_LIST=True, ADD_PARTS=False,
+            BLOCK_M=run.node_block, BLOCK_N=LIST_BLOCK, **run.options)
+        add_global_row_partials(grads, run.glob, (part_dq, part_dk, part_dv))
+    return (*grads, d_edge_bias, d_edge_attr)
 
 
 # Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed): name, constexprs,
@@ -266,7 +254,7 @@ def union_backward(grad_out, grad_lse, q, k, v, out, lse, masks, edge_grads, win
 _LIST_TYPES = {"q_list": "*i64", "k_list": "*i64", "live_ptr": "*u8", "lse_ptr": "*fp32",
                "init_lse": "*fp32", "init_out": "*bf16", "init_dq": "*bf16", "init_dk": "*bf16",
                "init_dv": "*bf16", "qk_scale": "fp32", "scale": "fp32", "delta_ptr": "*fp32",
-               "grad_lse_ptr": "*fp32"}
+               }
 _BLOCKS = (("DOT_PRECISION", "tf32"), ("BLOCK_D", 32))
 _PARTIALS = dict(_LIST_TYPES, out_ptr="*fp32", dq_ptr="*fp32", dk_ptr="*fp32", dv_ptr="*fp32")
 COMPILE_CASES = [
@@ -275,10 +263,10 @@ COMPILE_CASES = [
     ("_list_forward_kernel", (("Q_FROM_LIST", True), ("K_FROM_LIST", False), ("INIT", False),
                               ("BLOCK_M", 16), ("BLOCK_N", 64)) + _BLOCKS, _PARTIALS),
     ("_list_dq_kernel", (("Q_FROM_LIST", False), ("K_FROM_LIST", True), ("ADD_PARTS", True),
-                         ("HAS_GRAD_LSE", True), ("BLOCK_M", 64), ("BLOCK_N", 16)) + _BLOCKS,
+                         ("BLOCK_M", 64), ("BLOCK_N", 16)) + _BLOCKS,
      _LIST_TYPES),
     ("_list_dq_kernel", (("Q_FROM_LIST", True), ("K_FROM_LIST", False), ("ADD_PARTS", False),
-                         ("HAS_GRAD_LSE", False), ("BLOCK_M", 16), ("BLOCK_N", 64)) + _BLOCKS,
+                         ("BLOCK_M", 16), ("BLOCK_N", 64)) + _BLOCKS,
      _PARTIALS),
     ("_list_dkdv_kernel", (("Q_FROM_LIST", True), ("K_FROM_LIST", False), ("ADD_PARTS", True),
                            ("BLOCK_M", 16), ("BLOCK_N", 64)) + _BLOCKS, _LIST_TYPES),

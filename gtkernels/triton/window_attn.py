@@ -11,90 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
-
-LOG2E = 1.4426950408889634
-# The same constants inside kernels (jit code reads only constexpr globals).
-LOG2E_K = tl.constexpr(LOG2E)
-LN2_K = tl.constexpr(0.6931471805599453)
-# Bound of S * G * B * H rows of the fp32 partial buffers of the global passes.
-PARTIAL_ROWS_BUDGET = 1 << 18
-# Fewest tiles along the long axis per chunk of a global pass (amortises the partial buffers).
-MIN_TILES_PER_SPLIT = 8
-# A band program splits its tiles into masked edges and an unmasked interior only when the
-# interior holds this many tiles: each split ends a software-pipelined loop, whose refill
-# costs more than the masks of one or two tiles save.
-MIN_INTERIOR_TILES = tl.constexpr(3)
-# Band kernels are autotuned only from this many (query, head) rows (N * H) on: small problems
-# (tests) run the first config, compiling one variant instead of all.
-AUTOTUNE_MIN_ROWS = 1 << 18
-# Head dims above this run one small config that fits shared memory in every dtype.
-LARGE_HEAD_DIM = 128
-LARGE_HEAD_CONFIG = (32, 32, 4, 1)
-
-
-def band_autotune(configs):
-    """Autotuner of a band kernel over (BLOCK_M, BLOCK_N, num_warps, num_stages) configs, the first
-    being the default. Under the interpreter: one small config (it is slow)."""
-    if interpreting():
-        configs = [(16, 16, 1, 1)]
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for m, n, w, s in configs + [LARGE_HEAD_CONFIG]]
-
-    def prune(configs, named_args, **kwargs):
-        if named_args["D"] > LARGE_HEAD_DIM:
-            return configs[-1:]
-        large = named_args["N"] * named_args["H"] >= AUTOTUNE_MIN_ROWS
-        return configs[:-1] if large else configs[:1]
-
-    return triton.autotune(configs=configs, key=["N", "H", "window", "dilation", "D", "CAUSAL"],
-                           prune_configs_by={"early_config_prune": prune})
-
-
-@triton.jit
-def load_rows(ptr, rows, row_ok, stride_n, cols, D):
-    """Tile [len(rows), BLOCK_D] of rows `rows` (token indices) of a [N, D] view; 0 elsewhere."""
-    offsets = rows.to(tl.int64)[:, None] * stride_n + cols[None, :]
-    return tl.load(ptr + offsets, mask=row_ok[:, None] & (cols < D)[None, :], other=0.0)
-
-
-@triton.jit
-def band_program(N, H, dilation, BLOCK: tl.constexpr):
-    """Decodes a band program id into (first position, residue class r, b, h, length of the
-    class). Consecutive programs take consecutive blocks of one class: they share K/V in L2."""
-    pid = tl.program_id(0)
-    blocks = ((N + dilation - 1) // dilation + BLOCK - 1) // BLOCK
-    rest = pid // blocks
-    r = rest % dilation
-    bh = rest // dilation
-    length = (N - r + dilation - 1) // dilation
-    return (pid % blocks) * BLOCK, r, bh // H, bh % H, length
-
-
-@triton.jit
-def first_band_position(num_global, r, dilation):
-    """First position p of residue class r whose token r + p * dilation is not global."""
-    return (num_global - r + dilation - 1) // dilation
-
-
-@triton.jit
-def band_bounds(offs, window, hi, CAUSAL: tl.constexpr):
-    """Per row (query position) of a band tile, the first and last key position it attends:
-    [p - window, min(p + window, hi - 1)] (p instead of p + window if causal). Two bounds per
-    row make the tile mask two compares per element."""
-    return offs - window, tl.minimum(offs + (0 if CAUSAL else window), hi - 1)
-
-
-@triton.jit
-def interior_split(lo, hi, full_start, full_end, BLOCK: tl.constexpr):
-    """Splits the tiles lo, lo + BLOCK, ... below hi at mid_lo <= mid_hi: the tiles of
-    [mid_lo, mid_hi) lie inside [full_start, full_end), where every row of the program meets
-    every column, so they need no mask; the tiles outside are masked."""
-    tiles = tl.maximum(hi - lo + BLOCK - 1, 0) // BLOCK
-    first = tl.minimum(tl.maximum(full_start - lo + BLOCK - 1, 0) // BLOCK, tiles)
-    last = tl.minimum(tl.maximum(tl.maximum(tl.minimum(full_end, hi) - lo, 0) // BLOCK, first),
-                      tiles)
-    return lo + first * BLOCK, lo + last * BLOCK
+from .window_common import (LN2_K, LOG2E, LOG2E_K, MIN_INTERIOR_TILES, band_autotune, band_bounds,
+                            band_compile_cases, band_grid, band_program, band_valid, dot_precision, effective_window,
+                            exclusion_args, exclusion_rows, first_band_position, global_blocks,
+                            global_compile_case, interior_split, list_rows, load_live, load_node_tile, load_rows,
+                            prepare_inputs, split_count)
 
 
 @triton.jit
@@ -114,28 +35,6 @@ def attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, MASKED: tl.constexpr,
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
-
-
-@triton.jit
-def list_rows(list_ptr, offs, ok, FROM_LIST: tl.constexpr):
-    """Node ids of list positions offs: list_ptr[offs], or offs itself (int64)."""
-    if FROM_LIST:
-        return tl.load(list_ptr + offs, mask=ok, other=0).to(tl.int64)
-    return offs.to(tl.int64)
-
-
-@triton.jit
-def load_live(live_ptr, q_pos, k_pos, q_ok, k_ok, live_q_stride):
-    """bool [len(q_pos), len(k_pos)]: live_ptr[q_pos * live_q_stride + k_pos] != 0."""
-    ptrs = live_ptr + q_pos.to(tl.int64)[:, None] * live_q_stride + k_pos[None, :]
-    return tl.load(ptrs, mask=q_ok[:, None] & k_ok[None, :], other=0) != 0
-
-
-@triton.jit
-def load_node_tile(ptr, rows, ok, h, H, D, cols):
-    """[len(rows), BLOCK_D] fp32 of a contiguous [N, H, D] tensor at head h."""
-    return tl.load(ptr + (rows.to(tl.int64) * H + h)[:, None] * D + cols[None, :],
-                   mask=ok[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -162,31 +61,6 @@ def attend_key_list(acc, m_i, l_i, q, k_ptr, v_ptr, list_ptr, live_ptr, q_pos, q
         live = load_live(live_ptr, q_pos, offs_n, q_ok, k_ok, live_q_stride)
         acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, live, qk_scale, True, DOT_PRECISION)
     return acc, m_i, l_i
-
-
-@triton.jit
-def band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE: tl.constexpr):
-    """[M, N] mask of the band keys offs_n of each query row: inside [key_lb, key_ub] and, with
-    HAS_EXCLUDE, not dropped: excl_rows [M] points at the exclusion byte of key position 0 of
-    each row (rows outside the sequence must have an empty range)."""
-    valid = (offs_n[None, :] >= key_lb[:, None]) & (offs_n[None, :] <= key_ub[:, None])
-    if HAS_EXCLUDE:
-        dropped = tl.load(excl_rows[:, None] + offs_n[None, :], mask=valid, other=1)
-        valid = valid & (dropped == 0)
-    return valid
-
-
-@triton.jit
-def exclusion_rows(exclude_ptr, rows_m, offs_m, row_ok, key_ub, exclude_stride, exclude_center,
-                   HAS_EXCLUDE: tl.constexpr):
-    """(excl_rows, key_ub) for band_valid: with HAS_EXCLUDE, the pointer of each query row's
-    exclusion byte for key position 0 (exclude[i, t + center] with t = key - query position),
-    and key_ub emptied on rows outside the sequence so that nothing is read there."""
-    if HAS_EXCLUDE:
-        excl_rows = (exclude_ptr + rows_m.to(tl.int64) * exclude_stride
-                     + (exclude_center - offs_m))
-        return excl_rows, tl.where(row_ok, key_ub, -1)
-    return exclude_ptr + 0 * offs_m, key_ub
 
 
 @triton.jit
@@ -325,52 +199,6 @@ def _global_query_forward_kernel(q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr
     tl.store(part_lse_ptr + rows, lse, mask=offs_m < num_global)
 
 
-def dot_precision(dtype):
-    """fp32 inputs keep fp32 products (torch's default matmul precision); others use MMA."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def prepare_inputs(*tensors):
-    """The tensors with one set of strides and a unit last stride (copies only when needed)."""
-    first = tensors[0]
-    if first.stride(-1) == 1 and all(t.stride() == first.stride() for t in tensors):
-        return tensors
-    return tuple(t.contiguous() for t in tensors)
-
-
-def effective_window(n, window, dilation):
-    """(window, dilation) bounded by N with the same key sets: keys past the ends do not exist."""
-    dilation = min(dilation, max(n, 1))
-    return min(window, max(n - 1, 0) // dilation), dilation
-
-
-def global_blocks(num_global, dim):
-    """(rows per program, tile along the long axis, num_stages) of the global passes."""
-    if interpreting():
-        return 16, 16, 1
-    if dim > LARGE_HEAD_DIM:
-        return max(16, min(32, triton.next_power_of_2(num_global))), 32, 1
-    return max(16, min(64, triton.next_power_of_2(num_global))), 64, 3
-
-
-def split_count(long_len, num_global, batch_heads, block):
-    """(number of chunks, chunk length) of a global pass over `long_len` keys or queries: enough
-    chunks to fill the GPU, few enough for the fp32 partial buffers to stay small."""
-    budget = max(1, PARTIAL_ROWS_BUDGET // max(1, num_global * batch_heads))
-    splits = max(1, min(triton.cdiv(long_len, block * MIN_TILES_PER_SPLIT), budget))
-    per_split = triton.cdiv(triton.cdiv(long_len, splits), block) * block
-    return triton.cdiv(long_len, per_split), per_split
-
-
-def band_grid(batch_heads, n, dilation, block_key):
-    """Grid of a band kernel: one program per block of meta[block_key] positions of a residue
-    class, for every class and (b, h)."""
-    def grid(meta):
-        blocks = triton.cdiv(triton.cdiv(n, dilation), meta[block_key])
-        return (batch_heads * dilation * blocks,)
-    return grid
-
-
 def _global_query_forward(q, k, v, out, lse, num_global, causal, qk_scale, block_d):
     batch, n, heads, dim = q.shape
     key_end = num_global if causal else n
@@ -388,14 +216,6 @@ def _global_query_forward(q, k, v, out, lse, num_global, causal, qk_scale, block
     weights = torch.exp(part_lse - lse_global).unsqueeze(-1)
     out[:, :num_global] = (weights * part_out).sum(0).to(out.dtype)
     lse[:, :num_global] = lse_global
-
-
-def exclusion_args(exclude, window, placeholder):
-    """(tensor, row stride, centre column) of the optional exclusion mask [N, 2 * window + 1]
-    for the band kernels (`placeholder`, never read, when None)."""
-    if exclude is None:
-        return placeholder, 0, 0
-    return exclude.contiguous().view(torch.uint8), 2 * window + 1, window
 
 
 def window_attention_forward(q, k, v, window, dilation, num_global, causal, scale,
@@ -428,3 +248,6 @@ def window_attention_forward(q, k, v, window, dilation, num_global, causal, scal
         _global_query_forward(q, k, v, out, lse, num_global, causal, qk_scale, block_d)
     return out, lse
 
+
+COMPILE_CASES = [*band_compile_cases("_band_forward_kernel", 128, 64),
+                 global_compile_case("_global_query_forward_kernel")]

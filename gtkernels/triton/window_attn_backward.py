@@ -7,145 +7,20 @@ Band queries (token >= G) run first: a program owns a query block of one residue
 computes the rows' delta, and walks its band and the global keys (dq). Band keys: a program owns
 a key block and walks the query blocks whose band covers it, plus the global queries (dk, dv).
 Global keys and global queries meet every query or key: they run split over chunks into fp32
-partial buffers summed in a fixed order. Every output row has one writer: deterministic, no
-atomics.
+partial buffers summed in a fixed order (window_attn_backward_global.py). Every output row has
+one writer: deterministic, no atomics.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .window_attn import (LOG2E, LOG2E_K, band_autotune, band_bounds, band_grid,
-                          band_program, band_valid, dot_precision, effective_window, list_rows,
-                          load_live, load_node_tile,
-                          exclusion_args, exclusion_rows, first_band_position,
-                          MIN_INTERIOR_TILES, global_blocks, interior_split, load_rows,
-                          prepare_inputs, split_count)
-
-
-@triton.jit
-def dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, MASKED: tl.constexpr,
-            DOT_PRECISION: tl.constexpr):
-    """dq += ds @ k over one key tile; valid [M, N] (ignored unless MASKED)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None]
-    if MASKED:
-        s = tl.where(valid, s, float("-inf"))
-    p = tl.exp2(s)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, MASKED: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
-    """dk += ds^T @ q and dv += p^T @ dO over one query tile, computed transposed; valid_t
-    [N, M] (ignored unless MASKED)."""
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse2[None, :]
-    if MASKED:
-        s_t = tl.where(valid_t, s_t, float("-inf"))
-    p_t = tl.exp2(s_t)
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows, row_ok):
-    """lse (log2 domain) and delta of token rows `rows` of (b, h)."""
-    idx = (b.to(tl.int64) * N + rows) * H + h
-    lse2 = tl.load(lse_ptr + idx, mask=row_ok, other=0.0) * LOG2E_K
-    return lse2, tl.load(delta_ptr + idx, mask=row_ok, other=0.0)
-
-
-@triton.jit
-def load_final_lse(lse_ptr, rows, ok, h, H):
-    """lse [N, H] at rows in the log2 domain, +inf on rows without keys (so that p = 0)."""
-    lse2 = tl.load(lse_ptr + rows * H + h, mask=ok, other=0.0) * LOG2E_K
-    return tl.where(lse2 == float("-inf"), float("inf"), lse2)
-
-
-@triton.jit
-def dq_key_list(dq, q, do, lse2, delta, k_ptr, v_ptr, list_ptr, live_ptr, q_pos, q_ok, lo, hi,
-                live_q_stride, stride_n, cols, D, qk_scale, K_FROM_LIST: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dq_tile over the keys at list positions lo, ..., hi - 1 (node ids list_ptr[pos], or pos
-    itself) where live_ptr[q_pos * live_q_stride + pos] != 0."""
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k_ok = offs_n < hi
-        k_rows = list_rows(list_ptr, offs_n, k_ok, K_FROM_LIST)
-        k = load_rows(k_ptr, k_rows, k_ok, stride_n, cols, D)
-        v = load_rows(v_ptr, k_rows, k_ok, stride_n, cols, D)
-        live = load_live(live_ptr, q_pos, offs_n, q_ok, k_ok, live_q_stride)
-        dq = dq_tile(dq, q, do, lse2, delta, k, v, live, qk_scale, True, DOT_PRECISION)
-    return dq
-
-
-@triton.jit
-def dkdv_query_list(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, list_ptr, live_ptr, k_pos,
-                    k_ok, lo, hi, live_q_stride, stride_n, h, H, cols, D, qk_scale,
-                    Q_FROM_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr):
-    """dkdv_tile over the queries at list positions lo, ..., hi - 1 (node ids list_ptr[pos], or
-    pos itself) where live_ptr[pos * live_q_stride + k_pos] != 0; do, lse and delta are
-    contiguous [N, H(, D)] (q_ptr offset to head h)."""
-    for start in range(lo, hi, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        q_ok = offs_m < hi
-        q_rows = list_rows(list_ptr, offs_m, q_ok, Q_FROM_LIST)
-        q = load_rows(q_ptr, q_rows, q_ok, stride_n, cols, D)
-        do = load_rows(do_ptr + h * D, q_rows, q_ok, H * D, cols, D)
-        lse2 = load_final_lse(lse_ptr, q_rows, q_ok, h, H)
-        delta = tl.load(delta_ptr + q_rows * H + h, mask=q_ok, other=0.0)
-        live_t = tl.load(live_ptr + offs_m.to(tl.int64)[None, :] * live_q_stride
-                         + k_pos[:, None], mask=q_ok[None, :] & k_ok[:, None], other=0) != 0
-        dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, live_t, qk_scale, True,
-                           DOT_PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def dq_band_span(dq, q, do, lse2, delta, k_ptr, v_ptr, start, end, hi, r, dilation, stride_n,
-                 cols, D, key_lb, key_ub, excl_rows, qk_scale, MASKED: tl.constexpr,
-                 HAS_EXCLUDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """dq_tile over the band key tiles start, start + BLOCK_N, ... < end (keys < hi)."""
-    for tile in range(start, end, BLOCK_N):
-        offs_n = tile + tl.arange(0, BLOCK_N)
-        rows_n = r + offs_n * dilation
-        k = load_rows(k_ptr, rows_n, offs_n < hi, stride_n, cols, D)
-        v = load_rows(v_ptr, rows_n, offs_n < hi, stride_n, cols, D)
-        valid = band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE)
-        dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, MASKED, DOT_PRECISION)
-    return dq
-
-
-@triton.jit
-def dkdv_band_span(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, N, H, start, end, hi,
-                   r, dilation, stride_n, cols, D, query_lb, query_ub, offs_n, exclude_ptr,
-                   exclude_stride, exclude_center, qk_scale, MASKED: tl.constexpr,
-                   HAS_EXCLUDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr):
-    """dkdv_tile over the band query tiles start, start + BLOCK_M, ... < end (queries < hi);
-    q_ptr is offset to (b, h), do_ptr to (b, h) of the contiguous [B, N, H, D] gradient;
-    offs_n are the key positions (for the exclusion mask)."""
-    for tile in range(start, end, BLOCK_M):
-        offs_m = tile + tl.arange(0, BLOCK_M)
-        rows_m = r + offs_m * dilation
-        q_ok = offs_m < hi
-        q = load_rows(q_ptr, rows_m, q_ok, stride_n, cols, D)
-        do = load_rows(do_ptr, rows_m, q_ok, H * D, cols, D)
-        lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, rows_m, q_ok)
-        valid_t = (offs_m[None, :] >= query_lb[:, None]) & (offs_m[None, :] <= query_ub[:, None])
-        if HAS_EXCLUDE:  # exclude[query, key position - query position + centre]
-            excl = (exclude_ptr + rows_m.to(tl.int64)[None, :] * exclude_stride
-                    + (exclude_center + offs_n[:, None] - offs_m[None, :]))
-            valid_t = valid_t & (tl.load(excl, mask=valid_t, other=1) == 0)
-        dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, MASKED,
-                           DOT_PRECISION)
-    return dk, dv
+from .window_common import (LOG2E, LOG2E_K, MIN_INTERIOR_TILES, band_autotune, band_bounds,
+                            band_compile_cases, band_grid, band_program, dot_precision, effective_window,
+                            exclusion_args, exclusion_rows, first_band_position, interior_split,
+                            load_node_tile, load_rows, prepare_inputs)
+from .window_attn_backward_tiles import (dkdv_band_span, dkdv_query_list, dkdv_tile, dq_band_span,
+                                         dq_key_list, dq_tile, load_row_stats)
+from .window_attn_backward_global import global_backward, global_row_delta
 
 
 @band_autotune([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)])
@@ -158,7 +33,8 @@ def _band_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, grad_lse_ptr, lse_ptr,
                     DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
     """dq of the band queries; also computes and stores their delta = dO . O - dlse, which the
-    dk/dv kernels read (this kernel runs first). With UNION (B = 1): also the keys
+    dk/dv kernels read (this kernel runs first). With UNION (B = 1): delta_ptr holds delta
+    already (out_ptr and grad_lse_ptr are not read), and dq also covers the keys
     list_ptr[0:num_list] live where live_ptr[i * num_list + g] != 0, plus init_dq (the edge
     part's dq)."""
     p0, r, b, h, length = band_program(N, H, dilation, BLOCK_M)
@@ -172,13 +48,16 @@ def _band_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, grad_lse_ptr, lse_ptr,
         row_ok = offs_m < length
         q = load_rows(q_ptr + base, rows_m, row_ok, stride_n, cols, D)
         do = load_rows(do_ptr + out_base, rows_m, row_ok, H * D, cols, D)
-        o = load_rows(out_ptr + out_base, rows_m, row_ok, H * D, cols, D)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         stat_rows = (b.to(tl.int64) * N + rows_m) * H + h
-        if HAS_GRAD_LSE:
-            delta -= tl.load(grad_lse_ptr + stat_rows, mask=row_ok, other=0.0)
         store_ok = row_ok & (offs_m >= first_band)
-        tl.store(delta_ptr + stat_rows, delta, mask=store_ok)
+        if UNION:
+            delta = tl.load(delta_ptr + stat_rows, mask=row_ok, other=0.0)
+        else:
+            o = load_rows(out_ptr + out_base, rows_m, row_ok, H * D, cols, D)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            if HAS_GRAD_LSE:
+                delta -= tl.load(grad_lse_ptr + stat_rows, mask=row_ok, other=0.0)
+            tl.store(delta_ptr + stat_rows, delta, mask=store_ok)
         lse2 = tl.load(lse_ptr + stat_rows, mask=row_ok, other=0.0) * LOG2E_K
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         lo = tl.maximum(p0 - window, first_band)
@@ -302,125 +181,6 @@ def _band_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
         tl.store(dv_ptr + ptrs, dv.to(dv_ptr.dtype.element_ty), mask=store_ok)
 
 
-@triton.jit
-def global_program(num_global, num_splits, BLOCK: tl.constexpr):
-    """Decodes a global-pass program id into (first global row, split, bh)."""
-    pid = tl.program_id(0)
-    blocks = (num_global + BLOCK - 1) // BLOCK
-    return (pid % blocks) * BLOCK, (pid // blocks) % num_splits, pid // (blocks * num_splits)
-
-
-@triton.jit
-def _global_query_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, part_dq_ptr,
-                            stride_b, stride_n, stride_h, B, N, H, D, num_global, key_end,
-                            keys_per_split, num_splits, qk_scale, scale,
-                            CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dq of rows [0, G) from key chunk `split` -> part_dq [S, B, G, H, D] fp32."""
-    m0, split, bh = global_program(num_global, num_splits, BLOCK_M)
-    b = bh // H
-    h = bh % H
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-    out_base = (b.to(tl.int64) * N * H + h) * D
-    cols = tl.arange(0, BLOCK_D)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < num_global
-    q = load_rows(q_ptr + base, offs_m, row_ok, stride_n, cols, D)
-    do = load_rows(do_ptr + out_base, offs_m, row_ok, H * D, cols, D)
-    lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, offs_m, row_ok)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo = split * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, key_end)
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k = load_rows(k_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
-        v = load_rows(v_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
-        valid = (offs_n < hi)[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, True, DOT_PRECISION)
-    rows = ((split.to(tl.int64) * B + b) * num_global + offs_m) * H + h
-    tl.store(part_dq_ptr + rows[:, None] * D + cols[None, :], dq * scale,
-             mask=row_ok[:, None] & (cols < D)[None, :])
-
-
-@triton.jit
-def _global_key_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, part_dk_ptr,
-                            part_dv_ptr, stride_b, stride_n, stride_h, B, N, H, D, num_global,
-                            queries_per_split, num_splits, qk_scale, scale,
-                            CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dk, dv of keys [0, G) from query chunk `split` -> part_dk, part_dv [S, B, G, H, D] fp32."""
-    k0, split, bh = global_program(num_global, num_splits, BLOCK_N)
-    b = bh // H
-    h = bh % H
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-    out_base = (b.to(tl.int64) * N * H + h) * D
-    cols = tl.arange(0, BLOCK_D)
-    offs_n = k0 + tl.arange(0, BLOCK_N)
-    key_ok = offs_n < num_global
-    k = load_rows(k_ptr + base, offs_n, key_ok, stride_n, cols, D)
-    v = load_rows(v_ptr + base, offs_n, key_ok, stride_n, cols, D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo = split * queries_per_split
-    hi = tl.minimum(lo + queries_per_split, N)
-    for start in range(lo, hi, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        q_ok = offs_m < hi
-        q = load_rows(q_ptr + base, offs_m, q_ok, stride_n, cols, D)
-        do = load_rows(do_ptr + out_base, offs_m, q_ok, H * D, cols, D)
-        lse2, delta = load_row_stats(lse_ptr, delta_ptr, b, h, N, H, offs_m, q_ok)
-        valid_t = q_ok[None, :]
-        if CAUSAL:
-            valid_t = valid_t & (offs_n[:, None] <= offs_m[None, :])
-        dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, valid_t, qk_scale, True,
-                           DOT_PRECISION)
-    rows = ((split.to(tl.int64) * B + b) * num_global + offs_n) * H + h
-    mask = key_ok[:, None] & (cols < D)[None, :]
-    tl.store(part_dk_ptr + rows[:, None] * D + cols[None, :], dk * scale, mask=mask)
-    tl.store(part_dv_ptr + rows[:, None] * D + cols[None, :], dv, mask=mask)
-
-
-def _global_row_delta(grad_out, out, grad_lse, delta, num_global):
-    """delta = dO . O - dlse of the global rows [0, G) (the band dq kernel does the others)."""
-    rows = (grad_out[:, :num_global].float() * out[:, :num_global].float()).sum(-1)
-    if grad_lse is not None:
-        rows -= grad_lse[:, :num_global]
-    delta[:, :num_global] = rows
-
-
-def _global_backward(q, k, v, grad_out, lse, delta, grads, num_global, causal, scale, block_d):
-    """Writes rows [0, G) of dq (global queries) and of dk, dv (global keys)."""
-    grad_q, grad_k, grad_v = grads
-    batch, n, heads, dim = q.shape
-    block_m, block_n, stages = global_blocks(num_global, dim)
-    common = dict(CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d,
-                  num_warps=4, num_stages=stages)
-    strides = (q.stride(0), q.stride(1), q.stride(2))
-    key_end = num_global if causal else n
-    splits, per_split = split_count(key_end, num_global, batch * heads, block_n)
-    part_dq = q.new_empty((splits, batch, num_global, heads, dim), dtype=torch.float32)
-    grid = (triton.cdiv(num_global, block_m) * splits * batch * heads,)
-    _global_query_dq_kernel[grid](q, k, v, grad_out, lse, delta, part_dq, *strides, batch, n,
-                                  heads, dim, num_global, key_end, per_split, splits,
-                                  scale * LOG2E, scale, BLOCK_M=block_m, BLOCK_N=block_n,
-                                  **common)
-    grad_q[:, :num_global] = part_dq.sum(0).to(grad_q.dtype)
-
-    # Here a program owns block_m global keys and walks the queries in tiles of block_n.
-    splits, per_split = split_count(n, num_global, batch * heads, block_n)
-    part_dk = q.new_empty((splits, batch, num_global, heads, dim), dtype=torch.float32)
-    part_dv = torch.empty_like(part_dk)
-    grid = (triton.cdiv(num_global, block_m) * splits * batch * heads,)
-    _global_key_dkdv_kernel[grid](q, k, v, grad_out, lse, delta, part_dk, part_dv, *strides,
-                                  batch, n, heads, dim, num_global, per_split, splits,
-                                  scale * LOG2E, scale, BLOCK_M=block_n, BLOCK_N=block_m,
-                                  **common)
-    grad_k[:, :num_global] = part_dk.sum(0).to(grad_k.dtype)
-    grad_v[:, :num_global] = part_dv.sum(0).to(grad_v.dtype)
-
-
 def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dilation,
                               num_global, causal, scale, exclude=None, union=None):
     """Gradients (dq, dk, dv) [B, N, H, D] in q's dtype of window_attention_forward.
@@ -428,9 +188,9 @@ def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dil
     union (B = 1, num_global = 0, out and lse the union's): graph_attention's union, an object
     with init_dq, init_dk, init_dv [N, H, D] (contiguous, the edge part's gradients, added),
     glob int64 [G], keys_live uint8 [N, G] and rows_live uint8 [G, N] (the global keys of
-    each query and the keys of each global query) and delta fp32 [N, H] (filled with
-    dO . O - dlse): the band kernels then also cover the global keys' part of dq and the
-    global queries' part of dk, dv."""
+    each query and the keys of each global query) and delta fp32 [N, H] (dO . O - dlse, read:
+    out and grad_lse are not): the band kernels then also cover the global keys' part of dq
+    and the global queries' part of dk, dv."""
     batch, n, heads, dim = q.shape
     grads = tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     if q.numel() == 0:
@@ -442,7 +202,7 @@ def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dil
     grad_lse = None if grad_lse is None else grad_lse.float().contiguous()
     delta = torch.empty_like(lse) if union is None else union.delta.view_as(lse)
     if num_global > 0:
-        _global_row_delta(grad_out, out, grad_lse, delta, num_global)
+        global_row_delta(grad_out, out, grad_lse, delta, num_global)
     exclude, exclude_stride, exclude_center = exclusion_args(exclude, window, lse)
     window, dilation = effective_window(n, window, dilation)
     block_d = max(16, triton.next_power_of_2(dim))
@@ -464,6 +224,9 @@ def window_attention_backward(grad_out, grad_lse, q, k, v, out, lse, window, dil
         q, k, v, grad_out, lse, delta, grad_k, grad_v, exclude, *inits, *strides, *scales,
         **options)
     if num_global > 0:
-        _global_backward(q, k, v, grad_out, lse, delta, grads, num_global, causal, scale, block_d)
+        global_backward(q, k, v, grad_out, lse, delta, grads, num_global, causal, scale, block_d)
     return grads
 
+
+COMPILE_CASES = [*band_compile_cases("_band_dq_kernel", 128, 64, HAS_GRAD_LSE=True),
+                 *band_compile_cases("_band_dkdv_kernel", 64, 128)]

@@ -22,6 +22,10 @@ namespace {
 
 struct LogitScale {
   double alpha, beta, inv_t;
+
+  // (alpha <row, code> - beta ||code||^2) / T
+  template <typename scalar_t, typename acc_t>
+  acc_t logit(const scalar_t* row, const scalar_t* code, acc_t code_sq_norm, int64_t dim) const;
 };
 
 LogitScale logit_scale(c10::string_view metric_name, double temperature) {
@@ -44,6 +48,12 @@ std::vector<acc_t> code_sq_norms(const scalar_t* codes, int64_t num_codes, int64
     norms[j] = dot<scalar_t, acc_t>(codes + j * dim, codes + j * dim, dim);
   }
   return norms;
+}
+
+template <typename scalar_t, typename acc_t>
+acc_t LogitScale::logit(const scalar_t* row, const scalar_t* code, acc_t code_sq_norm,
+                        int64_t dim) const {
+  return (alpha * dot<scalar_t, acc_t>(row, code, dim) - beta * code_sq_norm) * inv_t;
 }
 
 // Online logsumexp state: max m and sum of exp(v - m), plus the p-weighted sum of w.
@@ -88,8 +98,8 @@ std::tuple<at::Tensor, at::Tensor> code_distill_loss_cpu(const at::Tensor& stude
         OnlineLse<acc_t> teacher, student;
         for (int64_t j = 0; j < num_codes; ++j) {
           const scalar_t* cj = cp + j * dim;
-          const acc_t a = (ls.alpha * dot<scalar_t, acc_t>(tp + n * dim, cj, dim) - ls.beta * norms[j]) * ls.inv_t;
-          const acc_t b = (ls.alpha * dot<scalar_t, acc_t>(sp + n * dim, cj, dim) - ls.beta * norms[j]) * ls.inv_t;
+          const acc_t a = ls.logit(tp + n * dim, cj, norms[j], dim);
+          const acc_t b = ls.logit(sp + n * dim, cj, norms[j], dim);
           teacher.add(a, a - b);
           student.add(b, 0);
         }
@@ -122,11 +132,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distill_loss_backward_cpu(
     const scalar_t *sp = s.data_ptr<scalar_t>(), *tp = t.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>();
     const acc_t *gp = grad.data_ptr<acc_t>(), *stp = stats.data_ptr<acc_t>();
     const auto norms = code_sq_norms<scalar_t, acc_t>(cp, num_codes, dim);
+    scalar_t *gsp = grad_s.data_ptr<scalar_t>(), *gtp = grad_t.data_ptr<scalar_t>();
+    scalar_t* gcp = grad_c.data_ptr<scalar_t>();
     // (dKL/da, dKL/db) of row n and code j, times the row's upstream gradient.
     auto logit_grads = [&](int64_t n, int64_t j) {
       const scalar_t* cj = cp + j * dim;
-      const acc_t a = (ls.alpha * dot<scalar_t, acc_t>(tp + n * dim, cj, dim) - ls.beta * norms[j]) * ls.inv_t;
-      const acc_t b = (ls.alpha * dot<scalar_t, acc_t>(sp + n * dim, cj, dim) - ls.beta * norms[j]) * ls.inv_t;
+      const acc_t a = ls.logit(tp + n * dim, cj, norms[j], dim);
+      const acc_t b = ls.logit(sp + n * dim, cj, norms[j], dim);
       const acc_t p = std::exp(a - stp[n * 3]), q = std::exp(b - stp[n * 3 + 1]);
       return std::make_pair(gp[n] * p * (a - b - stp[n * 3 + 2]), gp[n] * (q - p));
     };
@@ -145,8 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distill_loss_backward_cpu(
           }
         }
         for (int64_t i = 0; i < dim; ++i) {
-          grad_t.data_ptr<scalar_t>()[n * dim + i] = static_cast<scalar_t>(row_scale * acc_t_row[i]);
-          grad_s.data_ptr<scalar_t>()[n * dim + i] = static_cast<scalar_t>(row_scale * acc_s_row[i]);
+          gtp[n * dim + i] = static_cast<scalar_t>(row_scale * acc_t_row[i]);
+          gsp[n * dim + i] = static_cast<scalar_t>(row_scale * acc_s_row[i]);
         }
       }
     });
@@ -164,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distill_loss_backward_cpu(
         }
         for (int64_t i = 0; i < dim; ++i) {
           const acc_t cji = static_cast<acc_t>(cp[j * dim + i]);
-          grad_c.data_ptr<scalar_t>()[j * dim + i] =
+          gcp[j * dim + i] =
               static_cast<scalar_t>(row_scale * acc[i] - 2 * ls.beta * ls.inv_t * total * cji);
         }
       }

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <string_view>
 
+#include "common/checks.h"
+
 namespace gtk::codebook {
 
 enum class Metric { kL2, kIp, kCosine };
@@ -14,7 +16,8 @@ inline Metric parse_metric(std::string_view name) {
   if (name == "l2") return Metric::kL2;
   if (name == "ip") return Metric::kIp;
   if (name == "cosine") return Metric::kCosine;
-  TORCH_CHECK(false, "metric must be \"l2\", \"ip\" or \"cosine\", got \"", name, "\"");
+  GTK_CHECK(false, "metric must be \"l2\", \"ip\" or \"cosine\", got \"%.*s\"",
+            static_cast<int>(name.size()), name.data());
 }
 
 // Norms below this are clamped in the cosine metric (torch.cosine_similarity's convention).

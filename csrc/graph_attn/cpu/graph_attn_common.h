@@ -79,9 +79,9 @@ inline void store_row(const acc_t* src, scalar_t* row, int64_t n, acc_t factor) 
 }
 
 inline void check_node_tensor(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(t.sizes() == q.sizes(), name, " must have q's shape ", q.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " must have q's dtype");
+  GTK_CHECK(t.sizes() == q.sizes(), "%s must have q's shape %s, got %s", name,
+            shape_text(q.sizes()).s, shape_text(t.sizes()).s);
+  GTK_CHECK(t.scalar_type() == q.scalar_type(), "%s must have q's dtype", name);
   GTK_CHECK_DEVICE(t, q.device());
 }
 

@@ -21,12 +21,9 @@ using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 // order[offsets[r] .. offsets[r + 1]), in increasing p.
 void counting_sort_by_row(const int64_t* idx, int64_t n, int64_t R, std::vector<int64_t>& offsets,
                           std::vector<int64_t>& order) {
+  check_rows_in_range(idx, n, R);
   offsets.assign(R + 1, 0);
-  for (int64_t p = 0; p < n; ++p) {
-    TORCH_CHECK(idx[p] >= 0 && idx[p] < R, "idx entry ", p, " = ", idx[p],
-                " is out of range [0, ", R, ")");
-    ++offsets[idx[p] + 1];
-  }
+  for (int64_t p = 0; p < n; ++p) ++offsets[idx[p] + 1];
   for (int64_t r = 0; r < R; ++r) offsets[r + 1] += offsets[r];
   std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
   order.resize(n);

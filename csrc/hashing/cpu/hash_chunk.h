@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/checks.h"
+
 namespace gtk {
 
 enum class Weighting : int { kSoftmax = 0, kL1Softmax = 1, kNone = 2 };
@@ -17,7 +19,8 @@ inline Weighting parse_weighting(c10::string_view name) {
   if (name == "softmax") return Weighting::kSoftmax;
   if (name == "l1_softmax") return Weighting::kL1Softmax;
   if (name == "none") return Weighting::kNone;
-  TORCH_CHECK(false, "weighting must be 'softmax', 'l1_softmax' or 'none', got '", name, "'");
+  GTK_CHECK(false, "weighting must be 'softmax', 'l1_softmax' or 'none', got '%.*s'",
+            static_cast<int>(name.size()), name.data());
 }
 
 // sigmoid(z) for z >= 0 (the argument is 2|x|/T): no overflow.

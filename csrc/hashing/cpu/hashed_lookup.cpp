@@ -24,9 +24,9 @@ at::ScalarType weight_dtype(at::ScalarType x_dtype) {
 void check_hash_args(const at::Tensor& x, int64_t tau, double temperature) {
   GTK_CHECK_FLOATING(x);
   GTK_CHECK_DIM(x, 2);
-  TORCH_CHECK(tau >= 1 && tau <= 12, "tau must be in [1, 12], got ", tau);
+  GTK_CHECK(tau >= 1 && tau <= 12, "tau must be in [1, 12], got %lld", static_cast<long long>(tau));
   TORCH_CHECK(x.size(1) % tau == 0, "x's last dim must be divisible by tau");
-  TORCH_CHECK(temperature > 0, "temperature must be positive, got ", temperature);
+  GTK_CHECK(temperature > 0, "temperature must be positive, got %g", static_cast<double>(temperature));
 }
 
 // out[m, t, :] = sum_b weight[b] * table[m, rows[b], :] (+ bias[m, :]); acc holds d values.
@@ -181,13 +181,10 @@ at::Tensor weighted_gather_sum_cpu(const at::Tensor& table_in, const at::Tensor&
     const int64_t* ip = idx.data_ptr<int64_t>();
     const acc_t* wp = weights.data_ptr<acc_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
+    check_rows_in_range(ip, T * B, R);
     at::parallel_for(0, T, cpu_grain(M * B * d), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(d);
       for (int64_t t = begin; t < end; ++t) {
-        for (int64_t b = 0; b < B; ++b) {
-          TORCH_CHECK(ip[t * B + b] >= 0 && ip[t * B + b] < R, "idx[", t, ", ", b, "] = ",
-                      ip[t * B + b], " is out of range [0, ", R, ")");
-        }
         gather_sum_token<scalar_t, acc_t>(tp, nullptr, M, R, d, ip + t * B, wp + t * B, B,
                                           acc.data(), op + t * d, T * d);
       }
