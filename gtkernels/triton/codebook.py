@@ -11,8 +11,16 @@
    end). With T = (k-th smallest lane best) + 2 eps, every code of the exact top-k has
    s_j <= T (k codes have true distance <= their s + eps <= k-th + eps). If the row's
    runner-up > T, the lane bests with s <= T are all the candidates, compacted into CAND
-   slots; otherwise (or with more than CAND candidates) the row is flagged. LANES is 64 (128
-   for k > 16).
+   slots; otherwise (or with more than CAND candidates) the row is flagged. LANES is 32-128
+   (128 for k > 16). Cheap per-code updates: only the last tile is masked; the runner-up is
+   (best + s) - new best (two fp32 adds, their rounding <= 4 u max(|lowest|, |T|) is added to
+   the flag test). Packed scan (l2, D < padded D): the spare dimension D carries a per-row
+   bias (~||x||^2, ``packed_bias``) so scores are distances, and the tile number replaces the
+   low ``tile_bits`` significand bits of each score: one min per code tracks best and index.
+   A packed score errs by < 2**tile_bits ulps, i.e. 2**(tile_bits - 23) |s|; over the scores
+   that matter (between the row's lowest and T) this adds 2**(tile_bits - 22) (max(|lowest|,
+   |k-th|) + 2 eps) to eps (the factor 2 covers T's own growth), so the proof above holds
+   with the larger eps.
 2. codebook_exact.py: float64 re-rank of the candidates, and an exact float64 scan, split
    over the codebook, for flagged rows.
 No host synchronisation anywhere.
@@ -31,6 +39,8 @@ COSINE_EPS = 1e-8
 UNIT = 2.0 ** -24  # fp32 unit roundoff
 FP16_SCALE_EXP = 14  # scaled fp32 inputs reach at most 2**14 in magnitude (fp16 max 65504)
 SAFETY = 2.0
+UNIT_K = tl.constexpr(UNIT)
+TRUNCATION_REL = tl.constexpr(2.0 ** -22)  # 2 x the relative error of one unit in the last place
 
 
 @triton.jit
@@ -50,49 +60,100 @@ def _dot_chunked(x_rows, row_mask, c_base, cols, D, sxd, sck, scd,
 
 
 @triton.jit
-def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, eps_ptr, cand_ptr, flag_ptr,
-                 N, G, K, D, sxn, sxg, sxd, scg, sck, scd,
+def _scan_tile(best, best_idx, runner_up, x_tile, x_rows, row_mask, c_base, nterm_ptr, factor,
+               k0, keep_bits, K, D, sxd, sck, scd, bias_code,
+               METRIC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+               LANES_: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, PACK: tl.constexpr, LAST: tl.constexpr):
+    """Folds the codes k0 .. k0 + LANES - 1 into the per-lane state. Only the LAST tile may
+    reach past K: its codes past K read code K - 1 (in bounds) and score +inf."""
+    cols = k0 + tl.arange(0, LANES_)
+    if LAST:
+        cols_in = tl.minimum(cols, K - 1)
+    else:
+        cols_in = cols
+    if D_PAD <= BLOCK_D:
+        dk = tl.arange(0, BLOCK_D)
+        cb = tl.load(c_base + cols_in[None, :] * sck + dk[:, None] * scd,
+                     mask=dk[:, None] < D, other=0.0).to(DOT_DTYPE)
+        if PACK:  # the spare dimension D carries the row's bias: x_tile[:, D] * bias_code
+            code_bias = (tl.zeros([1, 1], dtype=tl.float32) + bias_code).to(DOT_DTYPE)
+            cb = tl.where(dk[:, None] == D, code_bias, cb)
+        acc = tl.dot(x_tile, cb, input_precision=PRECISION)
+    else:
+        acc = _dot_chunked(x_rows, row_mask, c_base, cols_in, D, sxd, sck, scd, DOT_DTYPE,
+                           PRECISION, BLOCK_N, LANES_, BLOCK_D)
+    nt = tl.load(nterm_ptr + cols_in)
+    if METRIC == 0:
+        s = nt[None, :] - acc * factor
+    elif METRIC == 1:
+        s = -acc * factor
+    else:
+        s = -acc * factor * nt[None, :]
+    if PACK:  # the tile number replaces the score's low significand bits
+        s = ((s.to(tl.int32, bitcast=True) & keep_bits) | (k0 // LANES_)).to(
+            tl.float32, bitcast=True)
+    if LAST:
+        s = tl.where(cols[None, :] < K, s, float("inf"))
+    if PACK:  # one min per code for the best and its index
+        runner_up = tl.minimum(runner_up, tl.maximum(best, s))
+        new_best = tl.minimum(best, s)
+    else:
+        # runner-up = min over codes of max(best before, s) = (best + s) - new best: two fp32
+        # adds (off the min/max pipe) whose rounding the flag test allows for.
+        better = s < best
+        new_best = tl.where(better, s, best)
+        best_idx = tl.where(better, cols[None, :], best_idx)
+        runner_up = tl.minimum(runner_up, (best + s) - new_best)
+    return new_best, best_idx, runner_up
+
+
+@triton.jit
+def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, bias_ptr, eps_ptr, cand_ptr, flag_ptr,
+                 N, G, K, D, sxn, sxg, sxd, scg, sck, scd, bias_code,
                  METRIC: tl.constexpr, K_SEL: tl.constexpr, DOT_DTYPE: tl.constexpr,
                  PRECISION: tl.constexpr, LANES_: tl.constexpr, CAND: tl.constexpr,
-                 D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                 D_PAD: tl.constexpr, PACK: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
     g = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     lanes = tl.arange(0, LANES_)
     x_rows = x_ptr + g.to(tl.int64) * sxg + rows[:, None].to(tl.int64) * sxn
     c_base = c_ptr + g.to(tl.int64) * scg
+    nterm_g = nterm_ptr + g * K
+    x_tile = tl.zeros([BLOCK_N, BLOCK_D], dtype=DOT_DTYPE)
     if D_PAD <= BLOCK_D:  # the rows' x stays in registers for the whole scan
         dk = tl.arange(0, BLOCK_D)
         x_tile = tl.load(x_rows + dk[None, :] * sxd, mask=row_mask[:, None] & (dk[None, :] < D),
                          other=0.0).to(DOT_DTYPE)
+        if PACK:
+            bias = tl.load(bias_ptr + rows * G + g, mask=row_mask, other=0.0)
+            x_tile = tl.where(dk[None, :] == D, bias[:, None].to(DOT_DTYPE), x_tile)
+    # Packed scores keep the tile number in their low `tile_bits` bits.
+    num_tiles = tl.cdiv(K, LANES_)
+    tile_bits = 0
+    while (1 << tile_bits) < num_tiles:
+        tile_bits += 1
+    keep_bits = -(1 << tile_bits)
     best = tl.full([BLOCK_N, LANES_], float("inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_N, LANES_], dtype=tl.int32)
     runner_up = tl.full([BLOCK_N, LANES_], float("inf"), dtype=tl.float32)
     # The dot's scale: 2 (l2) or 1, over the operands' power-of-two scalings.
     factor = tl.load(factor_ptr + rows * G + g, mask=row_mask, other=0.0)[:, None]
-    for k0 in range(0, K, LANES_):
-        cols = k0 + lanes
-        # Codes past K read code K-1 (in bounds) and are masked to +inf below.
-        safe_cols = tl.minimum(cols, K - 1)
-        if D_PAD <= BLOCK_D:
-            cb = tl.load(c_base + safe_cols[None, :] * sck + dk[:, None] * scd,
-                         mask=dk[:, None] < D, other=0.0)
-            acc = tl.dot(x_tile, cb.to(DOT_DTYPE), input_precision=PRECISION)
-        else:
-            acc = _dot_chunked(x_rows, row_mask, c_base, safe_cols, D, sxd, sck, scd, DOT_DTYPE,
-                               PRECISION, BLOCK_N, LANES_, BLOCK_D)
-        nt = tl.load(nterm_ptr + g * K + safe_cols)
-        if METRIC == 0:
-            s = nt[None, :] - acc * factor
-        elif METRIC == 1:
-            s = -acc * factor
-        else:
-            s = -acc * factor * nt[None, :]
-        s = tl.where(cols[None, :] < K, s, float("inf"))
-        runner_up = tl.minimum(runner_up, tl.maximum(best, s))
-        better = s < best
-        best = tl.where(better, s, best)
-        best_idx = tl.where(better, cols[None, :], best_idx)
+    full_end = (K // LANES_) * LANES_
+    for k0 in range(0, full_end, LANES_):
+        best, best_idx, runner_up = _scan_tile(
+            best, best_idx, runner_up, x_tile, x_rows, row_mask, c_base, nterm_g, factor, k0,
+            keep_bits, K, D, sxd, sck, scd, bias_code, METRIC, DOT_DTYPE, PRECISION, LANES_,
+            D_PAD, BLOCK_N, BLOCK_D, PACK, False)
+    if full_end < K:
+        best, best_idx, runner_up = _scan_tile(
+            best, best_idx, runner_up, x_tile, x_rows, row_mask, c_base, nterm_g, factor,
+            full_end, keep_bits, K, D, sxd, sck, scd, bias_code, METRIC, DOT_DTYPE, PRECISION,
+            LANES_, D_PAD, BLOCK_N, BLOCK_D, PACK, True)
+    if PACK:
+        best_idx = (best.to(tl.int32, bitcast=True) & ~keep_bits) * LANES_ + lanes[None, :]
     # k-th smallest lane best: take the smallest out k - 1 times (once per row block).
     remaining = best
     for _ in tl.static_range(K_SEL - 1):
@@ -101,7 +162,12 @@ def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, eps_ptr, cand_ptr, flag_pt
         remaining = tl.where(lanes[None, :] == first[:, None], float("inf"), remaining)
     kth = tl.min(remaining, axis=1)
     eps = tl.load(eps_ptr + rows * G + g, mask=row_mask, other=0.0)
+    if PACK:  # a packed score errs by < 2**tile_bits units in its last place
+        lowest = tl.min(best, axis=1)
+        span = tl.maximum(tl.abs(lowest), tl.abs(kth)) + 2.0 * eps
+        eps += (1 << tile_bits).to(tl.float32) * TRUNCATION_REL * span + 1e-30
     threshold = kth + 2.0 * eps
+    threshold += 4.0 * UNIT_K * tl.abs(threshold)
     # Compact the candidate lanes into CAND slots per row (-1 = empty); more than CAND
     # candidates also sends the row to the exact fallback.
     is_cand = best <= threshold[:, None]
@@ -112,7 +178,9 @@ def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, eps_ptr, cand_ptr, flag_pt
     slots = tl.arange(0, CAND)
     tl.store(out[:, None] + slots[None, :], tl.full([BLOCK_N, CAND], -1, dtype=tl.int32),
              mask=row_mask[:, None] & (slots[None, :] >= count[:, None]))
-    flag = (tl.min(runner_up, axis=1) <= threshold) | (count > CAND)
+    # The runner-up's two roundings err by at most 4 u max(|lowest|, |threshold|).
+    runner_slack = 4.0 * UNIT_K * tl.maximum(tl.abs(tl.min(best, axis=1)), tl.abs(threshold))
+    flag = (tl.min(runner_up, axis=1) <= threshold + runner_slack) | (count > CAND)
     tl.store(flag_ptr + rows * G + g, flag.to(tl.int8), mask=row_mask)
 
 
@@ -129,14 +197,14 @@ def _prune_scan_configs(configs, named_args, **kwargs):
 
 
 # (rows, lanes, warps): the per-lane state (best, index, runner-up) is 3 * rows * lanes values
-# in registers, at most 96 per thread.
+# in registers, at most 96 per thread (packed: 2, but 64 per thread spills, ptxas sm_90a).
 _SCAN_SHAPES = [(64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 32, 4), (256, 32, 8),
                 (32, 128, 4)]
 _scan_kernel_tuned = autotune(
     configs=[triton.Config({"BLOCK_N": bn, "LANES_": lanes, "BLOCK_D": bd}, num_warps=w,
                            num_stages=3)
              for bd in (16, 32, 64, 128, 256) for bn, lanes, w in _SCAN_SHAPES],
-    key=["D", "METRIC", "K_SEL", "DOT_DTYPE"],
+    key=["D", "METRIC", "K_SEL", "DOT_DTYPE", "PACK"],
     prune_configs_by={"early_config_prune": _prune_scan_configs},
 )(_scan_kernel)
 
@@ -184,7 +252,7 @@ def score_bound(x3, norms, metric, res_x=None, res_c=None):
     largest relative code residual; all times SAFETY, plus final roundings.
     """
     dim = x3.shape[-1]
-    acc_rel = 4.0 * (dim + 16) * UNIT
+    acc_rel = _accumulation_rel(dim)
     norm_rel = 2.0 * (dim + 8) * UNIT + (2 * UNIT if x3.dtype == torch.float64 else 0.0)
     inflate = (1 + norm_rel) * (1 + 4 * UNIT)
     code_norm_max = (norms.amax(dim=1) * (1 + norm_rel)).sqrt() * (1 + 4 * UNIT)  # [G]
@@ -207,6 +275,26 @@ def score_bound(x3, norms, metric, res_x=None, res_c=None):
         eps = (acc_rel * x_rounded * (1 + rel_c) + rx + x_rounded * rel_c
                + (norm_rel + 6 * UNIT) * x_norm)
     return (SAFETY * eps + 1e-30).float().contiguous()
+
+
+def _accumulation_rel(dim):
+    """Relative bound of a tensor-core dot of up to dim + 16 terms (4 (dim + 16) u)."""
+    return 4.0 * (dim + 16) * UNIT
+
+
+def packed_bias(x3, xs, factor, eps):
+    """The l2 scan's per-row bias in the spare dimension D (D < padded D): x~[:, D] times
+    the codes' bias_code in that dimension adds about ||x||^2 to every score of the row, so
+    the scores are the distances themselves, small near the best code, where packing the
+    tile number into their low bits errs least. Any bias is exact (one constant per row);
+    its rounding in the dot joins the bound: returns (bias [N, G] fp32, holding dot-dtype
+    values, bias_code, eps + SAFETY acc_rel |bias| bias_code factor)."""
+    dim = x3.shape[-1]
+    bias_code = 1.0 if x3.dtype in (torch.bfloat16, torch.float16) else 2.0 ** FP16_SCALE_EXP
+    sq_norm = row_sq_norms(x3.reshape(-1, dim)).view(x3.shape[0], x3.shape[1])
+    bias = (-sq_norm / (factor * bias_code)).clamp(-2.0 ** 15, 2.0 ** 15).to(xs.dtype).float()
+    eps = eps + SAFETY * _accumulation_rel(dim) * bias.abs() * (bias_code * factor)
+    return bias.contiguous(), bias_code, eps.contiguous()
 
 
 def _dot_dtype(dtype):
@@ -232,16 +320,24 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
     xs, cs, scale, res_x, res_c = scan_operands(x3, cb3)
     eps = score_bound(x3, norms, metric, res_x, res_c)
     factor = (2 * scale if metric == "l2" else scale).contiguous()
+    d_pad = max(16, triton.next_power_of_2(dim))
+    # Packed scores (the tile number in the low bits: one min per code for best and index)
+    # where the spare dimension can carry the bias that keeps them small: l2, D < padded D,
+    # and x in registers (padded D <= 64; the interpreter's BLOCK_D is 16).
+    pack = metric == "l2" and dim < d_pad <= (16 if interpreting() else 64)
+    bias, bias_code = factor, 0.0  # read only when packing
+    if pack:
+        bias, bias_code, eps = packed_bias(x3, xs, factor, eps)
     # Lanes (= codes per tile, each with its best in registers): the autotuner picks 32, 64
     # or 128, always 128 for k > 16 (fewer lane collisions, so fewer exact-fallback rows).
     cand_slots = min(128, max(16, 2 * triton.next_power_of_2(k)))
     cand = torch.empty((num_rows, num_groups, cand_slots), device=x3.device, dtype=torch.int32)
     flag = torch.empty((num_rows, num_groups), device=x3.device, dtype=torch.int8)
     metric_id = METRIC_IDS[metric]
-    args = (xs, cs, nterm.contiguous(), factor, eps, cand, flag, num_rows, num_groups,
-            num_codes, dim, *xs.stride(), *cs.stride())
+    args = (xs, cs, nterm.contiguous(), factor, bias, eps, cand, flag, num_rows, num_groups,
+            num_codes, dim, *xs.stride(), *cs.stride(), bias_code)
     options = dict(METRIC=metric_id, K_SEL=k, DOT_DTYPE=_dot_dtype(xs.dtype),
-                   CAND=cand_slots, D_PAD=max(16, triton.next_power_of_2(dim)))
+                   CAND=cand_slots, D_PAD=d_pad, PACK=pack)
     if interpreting():  # one small configuration: the interpreter is slow
         _scan_kernel[(triton.cdiv(num_rows, 16), num_groups)](
             *args, **options, PRECISION="ieee", BLOCK_N=16, BLOCK_D=16,
@@ -256,13 +352,17 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
 
 # Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed).
 _SCAN_TYPES = {"x_ptr": "*fp16", "c_ptr": "*fp16", "nterm_ptr": "*fp32", "factor_ptr": "*fp32",
-               "eps_ptr": "*fp32", "cand_ptr": "*i32", "flag_ptr": "*i8"}
+               "bias_ptr": "*fp32", "eps_ptr": "*fp32", "cand_ptr": "*i32", "flag_ptr": "*i8",
+               "bias_code": "fp32"}
+_BF16_TYPES = dict(_SCAN_TYPES, x_ptr="*bf16", c_ptr="*bf16")
 COMPILE_CASES = [
+    ("_scan_kernel", dict(METRIC=0, K_SEL=1, DOT_DTYPE=tl.bfloat16, PRECISION="ieee", LANES_=32,
+                          CAND=16, D_PAD=16, PACK=True, BLOCK_N=128, BLOCK_D=16), _BF16_TYPES),
     ("_scan_kernel", dict(METRIC=0, K_SEL=1, DOT_DTYPE=tl.float16, PRECISION="ieee", LANES_=64,
-                          CAND=16, D_PAD=16, BLOCK_N=128, BLOCK_D=16), _SCAN_TYPES),
+                          CAND=16, D_PAD=16, PACK=False, BLOCK_N=128, BLOCK_D=16), _SCAN_TYPES),
     ("_scan_kernel", dict(METRIC=2, K_SEL=4, DOT_DTYPE=tl.bfloat16, PRECISION="ieee", LANES_=64,
-                          CAND=16, D_PAD=256, BLOCK_N=64, BLOCK_D=256),
-     dict(_SCAN_TYPES, x_ptr="*bf16", c_ptr="*bf16")),
+                          CAND=16, D_PAD=256, PACK=False, BLOCK_N=64, BLOCK_D=256), _BF16_TYPES),
     ("_scan_kernel", dict(METRIC=0, K_SEL=20, DOT_DTYPE=tl.float16, PRECISION="ieee",
-                          LANES_=128, CAND=64, D_PAD=1024, BLOCK_N=64, BLOCK_D=64), _SCAN_TYPES),
+                          LANES_=128, CAND=64, D_PAD=1024, PACK=False, BLOCK_N=64, BLOCK_D=64),
+     _SCAN_TYPES),
 ]
