@@ -6,7 +6,7 @@
 // whose message carried a number (built by c10::str through std::ostream) ended the process
 // with SIGSEGV, while checks with a literal-only message (even in the same function) and
 // torch's own checks raised RuntimeError (device probe, 2026-11-29). So no check here streams
-// its message.
+// its message, and the library's C++ uses GTK_CHECK for all of its checks (one mechanism).
 #pragma once
 
 #include <ATen/ATen.h>

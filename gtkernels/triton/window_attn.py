@@ -11,10 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .window_common import (LN2_K, LOG2E, LOG2E_K, MIN_INTERIOR_TILES, band_autotune, band_bounds,
-                            band_compile_cases, band_grid, band_program, band_valid, dot_precision, effective_window,
-                            exclusion_args, exclusion_rows, first_band_position, global_blocks,
-                            global_compile_case, interior_split, list_rows, load_live, load_node_tile, load_rows,
+from .window_common import (LN2_K, LOG2E, LOG2E_K, MIN_INTERIOR_TILES, band_autotune,
+                            band_bounds, band_compile_cases, band_grid, band_program, band_valid,
+                            dot_precision, effective_window, exclusion_args, exclusion_rows,
+                            first_band_position, global_blocks, global_compile_case,
+                            interior_split, list_rows, load_live, load_node_tile, load_rows,
                             prepare_inputs, split_count)
 
 

@@ -15,9 +15,10 @@ import triton
 import triton.language as tl
 
 from .window_common import (LOG2E, LOG2E_K, MIN_INTERIOR_TILES, band_autotune, band_bounds,
-                            band_compile_cases, band_grid, band_program, dot_precision, effective_window,
-                            exclusion_args, exclusion_rows, first_band_position, interior_split,
-                            load_node_tile, load_rows, prepare_inputs)
+                            band_compile_cases, band_grid, band_program, dot_precision,
+                            effective_window, exclusion_args, exclusion_rows,
+                            first_band_position, interior_split, load_node_tile, load_rows,
+                            prepare_inputs)
 from .window_attn_backward_tiles import (dkdv_band_span, dkdv_query_list, dkdv_tile, dq_band_span,
                                          dq_key_list, dq_tile, load_row_stats)
 from .window_attn_backward_global import global_backward, global_row_delta

@@ -30,7 +30,7 @@ struct LogitScale {
 
 LogitScale logit_scale(c10::string_view metric_name, double temperature) {
   const Metric m = parse_metric(std::string_view(metric_name.data(), metric_name.size()));
-  TORCH_CHECK(m != Metric::kCosine, "code_distill_loss op takes \"l2\" or \"ip\"");
+  GTK_CHECK(m != Metric::kCosine, "code_distill_loss op takes \"l2\" or \"ip\"");
   return {m == Metric::kL2 ? 2.0 : 1.0, m == Metric::kL2 ? 1.0 : 0.0, 1.0 / temperature};
 }
 

@@ -171,10 +171,10 @@ std::tuple<at::Tensor, at::Tensor> codebook_search_cpu(const at::Tensor& x_in,
   GTK_CHECK_DIM(x_in, 3);
   GTK_CHECK_DIM(codebook_in, 3);
   GTK_CHECK_FLOATING(x_in);
-  TORCH_CHECK(x_in.scalar_type() == codebook_in.scalar_type(), "x and codebook dtypes differ");
-  TORCH_CHECK(x_in.size(1) == codebook_in.size(0) && x_in.size(2) == codebook_in.size(2),
-              "x [N, G, D] and codebook [G, K, D] disagree");
-  TORCH_CHECK(k >= 1 && k <= codebook_in.size(1), "k must be in [1, K]");
+  GTK_CHECK(x_in.scalar_type() == codebook_in.scalar_type(), "x and codebook dtypes differ");
+  GTK_CHECK(x_in.size(1) == codebook_in.size(0) && x_in.size(2) == codebook_in.size(2),
+            "x [N, G, D] and codebook [G, K, D] disagree");
+  GTK_CHECK(k >= 1 && k <= codebook_in.size(1), "k must be in [1, K]");
   const at::Tensor x = x_in.contiguous();
   const at::Tensor codebook = codebook_in.contiguous();
   const int64_t num_rows = x.size(0), num_groups = x.size(1);

@@ -36,7 +36,7 @@ void destination_pass(const BackwardArgs<scalar_t>& a, const index_t* indices) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, a.N, node_grain(a.N, a.E, HD), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q_row(HD), dout_row(HD), dq_row(HD), key(D), value(D), dout_out(H),
-        grad(D);
+        dlse(H), grad(D);
     for (int64_t i = begin; i < end; ++i) {
       load_row(a.q + i * HD, q_row.data(), HD);
       load_row(a.grad_out + i * HD, dout_row.data(), HD);
@@ -44,6 +44,7 @@ void destination_pass(const BackwardArgs<scalar_t>& a, const index_t* indices) {
       for (int64_t h = 0; h < H; ++h) {
         load_row(a.out + i * HD + h * D, value.data(), D);
         dout_out[h] = dot(dout_row.data() + h * D, value.data(), D);
+        dlse[h] = a.grad_lse ? a.grad_lse[i * H + h] : acc_t(0);
       }
       for (int64_t e = a.indptr[i]; e < a.indptr[i + 1]; ++e) {
         const int64_t j = static_cast<int64_t>(indices[e]);
@@ -56,8 +57,7 @@ void destination_pass(const BackwardArgs<scalar_t>& a, const index_t* indices) {
           acc_t s = a.scale * dot(q_h, key_j, D);
           if (a.edge_bias) s += static_cast<acc_t>(a.edge_bias[e * H + h]);
           const acc_t p = s == neg_inf ? acc_t(0) : std::exp(s - a.lse[i * H + h]);
-          const acc_t dlse = a.grad_lse ? a.grad_lse[i * H + h] : acc_t(0);
-          const acc_t ds = p * ((dot(dout_h, value_j, D) - dout_out[h]) + dlse);
+          const acc_t ds = p * ((dot(dout_h, value_j, D) - dout_out[h]) + dlse[h]);
           a.prob[e * H + h] = p;
           a.dscore[e * H + h] = ds;
           scale_add(dq_row.data() + h * D, acc_t(1), ds, key_j, D);
@@ -113,10 +113,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_att
   check_node_tensor(grad_out_in, "grad_out", q_in);
   check_node_tensor(out_in, "out", q_in);
   const auto lse_type = lse_dtype(q_in.scalar_type());
-  TORCH_CHECK(lse_in.scalar_type() == lse_type && lse_in.dim() == 2, "lse has the wrong dtype/dim");
-  TORCH_CHECK(csc_indices_in.scalar_type() == indices_in.scalar_type() &&
-                  csc_edge_ids_in.scalar_type() == indices_in.scalar_type(),
-              "csc_indices and csc_edge_ids must have indices' dtype");
+  GTK_CHECK(lse_in.scalar_type() == lse_type && lse_in.dim() == 2, "lse has the wrong dtype/dim");
+  GTK_CHECK(csc_indices_in.scalar_type() == indices_in.scalar_type() &&
+                csc_edge_ids_in.scalar_type() == indices_in.scalar_type(),
+            "csc_indices and csc_edge_ids must have indices' dtype");
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();

@@ -94,21 +94,21 @@ inline void check_inputs(const at::Tensor& indptr, const at::Tensor& indices, co
   GTK_CHECK_FLOATING(q);
   check_node_tensor(k, "k", q);
   check_node_tensor(v, "v", q);
-  TORCH_CHECK(indptr.scalar_type() == at::kLong && indptr.dim() == 1 &&
-                  indptr.size(0) == q.size(0) + 1,
-              "indptr must be int64 [N + 1]");
-  TORCH_CHECK(indices.dim() == 1 && (indices.scalar_type() == at::kInt ||
-                                     indices.scalar_type() == at::kLong),
-              "indices must be int32/int64 [E]");
+  GTK_CHECK(indptr.scalar_type() == at::kLong && indptr.dim() == 1 &&
+                indptr.size(0) == q.size(0) + 1,
+            "indptr must be int64 [N + 1]");
+  GTK_CHECK(indices.dim() == 1 && (indices.scalar_type() == at::kInt ||
+                                   indices.scalar_type() == at::kLong),
+            "indices must be int32/int64 [E]");
   const int64_t E = indices.size(0);
   if (edge_bias.has_value()) {
-    TORCH_CHECK(edge_bias->sizes() == at::IntArrayRef({E, q.size(1)}), "edge_bias must be [E, H]");
-    TORCH_CHECK(edge_bias->scalar_type() == q.scalar_type(), "edge_bias must have q's dtype");
+    GTK_CHECK(edge_bias->sizes() == at::IntArrayRef({E, q.size(1)}), "edge_bias must be [E, H]");
+    GTK_CHECK(edge_bias->scalar_type() == q.scalar_type(), "edge_bias must have q's dtype");
   }
   if (edge_attr.has_value()) {
-    TORCH_CHECK(edge_attr->sizes() == at::IntArrayRef({E, q.size(1), q.size(2)}),
-                "edge_attr must be [E, H, D]");
-    TORCH_CHECK(edge_attr->scalar_type() == q.scalar_type(), "edge_attr must have q's dtype");
+    GTK_CHECK(edge_attr->sizes() == at::IntArrayRef({E, q.size(1), q.size(2)}),
+              "edge_attr must be [E, H, D]");
+    GTK_CHECK(edge_attr->scalar_type() == q.scalar_type(), "edge_attr must have q's dtype");
   }
 }
 

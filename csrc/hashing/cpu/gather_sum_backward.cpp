@@ -51,17 +51,17 @@ std::tuple<at::Tensor, at::Tensor> weighted_gather_sum_backward_cpu(
     const c10::optional<at::Tensor>& weights_in, bool weights_grad) {
   GTK_CHECK_DIM(table_in, 3);
   GTK_CHECK_DIM(idx_in, 2);
-  TORCH_CHECK(!weights_grad || weights_in.has_value(), "weights_grad needs weights");
+  GTK_CHECK(!weights_grad || weights_in.has_value(), "weights_grad needs weights");
   const at::Tensor table = table_in.contiguous();
   const at::Tensor grad = grad_in.to(table.scalar_type()).contiguous();
   const at::Tensor idx = idx_in.to(at::kLong).contiguous();
   const int64_t M = table.size(0), R = table.size(1), d = table.size(2);
   const int64_t T = idx.size(0), B = idx.size(1), n = T * B;
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({M, T, d}), "grad must be [M, T, d]");
+  GTK_CHECK(grad.sizes() == at::IntArrayRef({M, T, d}), "grad must be [M, T, d]");
   const at::ScalarType acc_dtype = table.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor weights;
   if (weights_in.has_value()) {
-    TORCH_CHECK(weights_in->sizes() == idx.sizes(), "weights must have idx's shape [T, B]");
+    GTK_CHECK(weights_in->sizes() == idx.sizes(), "weights must have idx's shape [T, B]");
     weights = weights_in->to(acc_dtype).contiguous();
   }
   at::Tensor grad_table = at::empty_like(table);

@@ -25,7 +25,7 @@ void check_hash_args(const at::Tensor& x, int64_t tau, double temperature) {
   GTK_CHECK_FLOATING(x);
   GTK_CHECK_DIM(x, 2);
   GTK_CHECK(tau >= 1 && tau <= 12, "tau must be in [1, 12], got %lld", static_cast<long long>(tau));
-  TORCH_CHECK(x.size(1) % tau == 0, "x's last dim must be divisible by tau");
+  GTK_CHECK(x.size(1) % tau == 0, "x's last dim must be divisible by tau");
   GTK_CHECK(temperature > 0, "temperature must be positive, got %g", static_cast<double>(temperature));
 }
 
@@ -88,7 +88,7 @@ at::Tensor hash_weights_backward_cpu(const at::Tensor& grad_weights_in, const at
   const Weighting weighting = parse_weighting(weighting_name);
   const at::Tensor x = x_in.contiguous();
   const int64_t T = x.size(0), K = x.size(1) / tau;
-  TORCH_CHECK(grad_weights_in.sizes() == at::IntArrayRef({T, K}), "grad_weights must be [T, K]");
+  GTK_CHECK(grad_weights_in.sizes() == at::IntArrayRef({T, K}), "grad_weights must be [T, K]");
   const at::Tensor grad_weights = grad_weights_in.to(weight_dtype(x.scalar_type())).contiguous();
   at::Tensor dx = at::empty_like(x);
   if (dx.numel() == 0) return dx;
@@ -116,15 +116,15 @@ at::Tensor hashed_lookup_cpu(const at::Tensor& x_in, const at::Tensor& tables_in
   const Weighting weighting = parse_weighting(weighting_name);
   GTK_CHECK_DIM(tables_in, 4);
   const at::Tensor x = x_in.contiguous(), tables = tables_in.contiguous();
-  TORCH_CHECK(x.scalar_type() == tables.scalar_type(), "x and tables must share a dtype");
+  GTK_CHECK(x.scalar_type() == tables.scalar_type(), "x and tables must share a dtype");
   const int64_t T = x.size(0), K = x.size(1) / tau, R = int64_t(1) << tau;
   const int64_t M = tables.size(0), d = tables.size(3);
-  TORCH_CHECK(tables.size(1) == K && tables.size(2) == R, "tables must be [M, K, 2**tau, d]");
+  GTK_CHECK(tables.size(1) == K && tables.size(2) == R, "tables must be [M, K, 2**tau, d]");
   at::Tensor bias;
   if (bias_in.has_value()) {
     bias = bias_in->contiguous();
-    TORCH_CHECK(bias.sizes() == at::IntArrayRef({M, d}) && bias.scalar_type() == x.scalar_type(),
-                "bias must be [M, d] with tables' dtype");
+    GTK_CHECK(bias.sizes() == at::IntArrayRef({M, d}) && bias.scalar_type() == x.scalar_type(),
+              "bias must be [M, d] with tables' dtype");
   }
   at::Tensor out = at::empty({M, T, d}, tables.options());
   if (out.numel() == 0) return out;
@@ -159,8 +159,8 @@ at::Tensor weighted_gather_sum_cpu(const at::Tensor& table_in, const at::Tensor&
   GTK_CHECK_FLOATING(table_in);
   GTK_CHECK_DIM(table_in, 3);
   GTK_CHECK_DIM(idx_in, 2);
-  TORCH_CHECK(idx_in.scalar_type() == at::kInt || idx_in.scalar_type() == at::kLong,
-              "idx must be int32 or int64");
+  GTK_CHECK(idx_in.scalar_type() == at::kInt || idx_in.scalar_type() == at::kLong,
+            "idx must be int32 or int64");
   const at::Tensor table = table_in.contiguous();
   const at::Tensor idx = idx_in.to(at::kLong).contiguous();
   const int64_t M = table.size(0), R = table.size(1), d = table.size(2);
@@ -168,7 +168,7 @@ at::Tensor weighted_gather_sum_cpu(const at::Tensor& table_in, const at::Tensor&
   const at::ScalarType acc_dtype = weight_dtype(table.scalar_type());
   at::Tensor weights;
   if (weights_in.has_value()) {
-    TORCH_CHECK(weights_in->sizes() == idx.sizes(), "weights must have idx's shape [T, B]");
+    GTK_CHECK(weights_in->sizes() == idx.sizes(), "weights must have idx's shape [T, B]");
     weights = weights_in->to(acc_dtype).contiguous();
   } else {
     weights = at::ones({T, B}, table.options().dtype(acc_dtype));

@@ -23,8 +23,8 @@ void sign_hash_rows(const scalar_t* x, int32_t* codes, int64_t num_codes, int64_
 at::Tensor sign_hash_cpu(const at::Tensor& x_in, int64_t tau) {
   GTK_CHECK_FLOATING(x_in);
   GTK_CHECK(tau >= 1 && tau <= 30, "tau must be in [1, 30], got %lld", static_cast<long long>(tau));
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) % tau == 0,
-              "x's last dim must be divisible by tau");
+  GTK_CHECK(x_in.dim() >= 1 && x_in.size(-1) % tau == 0,
+            "x's last dim must be divisible by tau");
   const at::Tensor x = x_in.contiguous();
   auto out_shape = x.sizes().vec();
   out_shape.back() /= tau;

@@ -24,8 +24,8 @@ __global__ void sign_hash_kernel(const scalar_t* __restrict__ x, int32_t* __rest
 at::Tensor sign_hash_cuda(const at::Tensor& x_in, int64_t tau) {
   GTK_CHECK_FLOATING(x_in);
   GTK_CHECK(tau >= 1 && tau <= 30, "tau must be in [1, 30], got %lld", static_cast<long long>(tau));
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) % tau == 0,
-              "x's last dim must be divisible by tau");
+  GTK_CHECK(x_in.dim() >= 1 && x_in.size(-1) % tau == 0,
+            "x's last dim must be divisible by tau");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   auto out_shape = x.sizes().vec();

@@ -135,11 +135,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
     int64_t num_global, bool causal, double scale,
     const std::optional<at::Tensor>& exclude_in) {
   GTK_CHECK_DIM(q_in, 4);
-  TORCH_CHECK(k_in.sizes() == q_in.sizes() && v_in.sizes() == q_in.sizes() &&
-                  out_in.sizes() == q_in.sizes() && grad_out_in.sizes() == q_in.sizes(),
-              "grad_out, q, k, v, out must have one shape [B, N, H, D]");
-  TORCH_CHECK(window >= 0 && dilation >= 1, "window must be >= 0 and dilation >= 1");
-  TORCH_CHECK(num_global >= 0 && num_global <= q_in.size(1), "num_global must be in [0, N]");
+  GTK_CHECK(k_in.sizes() == q_in.sizes() && v_in.sizes() == q_in.sizes() &&
+                out_in.sizes() == q_in.sizes() && grad_out_in.sizes() == q_in.sizes(),
+            "grad_out, q, k, v, out must have one shape [B, N, H, D]");
+  GTK_CHECK(window >= 0 && dilation >= 1, "window must be >= 0 and dilation >= 1");
+  GTK_CHECK(num_global >= 0 && num_global <= q_in.size(1), "num_global must be in [0, N]");
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor out = out_in.contiguous();
   const at::Tensor grad_out = grad_out_in.to(q.scalar_type()).contiguous();

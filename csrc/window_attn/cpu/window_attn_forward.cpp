@@ -63,10 +63,10 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cpu(
     const std::optional<at::Tensor>& exclude_in) {
   GTK_CHECK_DIM(q_in, 4);
   GTK_CHECK_FLOATING(q_in);
-  TORCH_CHECK(k_in.sizes() == q_in.sizes() && v_in.sizes() == q_in.sizes(),
-              "q, k, v must have one shape [B, N, H, D]");
-  TORCH_CHECK(window >= 0 && dilation >= 1, "window must be >= 0 and dilation >= 1");
-  TORCH_CHECK(num_global >= 0 && num_global <= q_in.size(1), "num_global must be in [0, N]");
+  GTK_CHECK(k_in.sizes() == q_in.sizes() && v_in.sizes() == q_in.sizes(),
+            "q, k, v must have one shape [B, N, H, D]");
+  GTK_CHECK(window >= 0 && dilation >= 1, "window must be >= 0 and dilation >= 1");
+  GTK_CHECK(num_global >= 0 && num_global <= q_in.size(1), "num_global must be in [0, N]");
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2), dim = q.size(3);
   const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

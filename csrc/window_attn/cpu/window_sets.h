@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/checks.h"
+
 namespace gtk {
 
 struct WindowSpec {
@@ -31,8 +33,8 @@ inline WindowSpec make_window_spec(int64_t n, int64_t window, int64_t dilation,
                                    int64_t num_global, bool causal, const at::Tensor& exclude) {
   WindowSpec spec{n, std::min(window, n), dilation, num_global, causal};
   if (exclude.defined()) {
-    TORCH_CHECK(num_global == 0, "exclude needs num_global = 0");
-    TORCH_CHECK(exclude.scalar_type() == at::kBool &&
+    GTK_CHECK(num_global == 0, "exclude needs num_global = 0");
+    GTK_CHECK(exclude.scalar_type() == at::kBool &&
                     exclude.sizes() == at::IntArrayRef({n, 2 * window + 1}),
                 "exclude must be bool [N, 2 * window + 1]");
     spec.exclude = exclude.data_ptr<bool>();
