@@ -241,6 +241,28 @@ def test_triton_search_large_k():
 
 
 @needs_triton
+@pytest.mark.parametrize("metric,k", [("l2", 3), ("cosine", 1)])
+def test_triton_exact_fallback_on_every_row(metric, k, monkeypatch):
+    """Every row flagged: the float64 split scan alone gives the result, with row batches that
+    straddle the two sub-codebooks and a last batch that is part empty, and several chunks."""
+    from gtkernels.triton import codebook_exact
+    from gtkernels.triton.codebook import METRIC_IDS
+
+    monkeypatch.setattr(codebook_exact, "SPLIT_CODES", 40)  # 101 codes: chunks of 34
+    device = triton_device()
+    x, codebook = near_tie_codebook(21, 101, 9, torch.float32, device)
+    x3 = torch.stack([x, x.flip(0)], 1)                       # [21, 2, 9]: 42 rows
+    cb3 = torch.stack([codebook, codebook.flip(0)])
+    cand = torch.full((21, 2, 16), -1, device=device, dtype=torch.int32)
+    flag = torch.ones((21, 2), device=device, dtype=torch.int8)
+    dist = torch.empty((21, 2, k), device=device)
+    idx = torch.empty((21, 2, k), device=device, dtype=torch.int64)
+    codebook_exact.rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, METRIC_IDS[metric],
+                                       (*x3.stride(), *cb3.stride()))
+    assert_search_exact(x3, cb3, k, metric, dist, idx)
+
+
+@needs_triton
 def test_triton_search_grouped_strided():
     from gtkernels.triton.codebook import codebook_search
 

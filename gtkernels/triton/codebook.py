@@ -3,7 +3,8 @@
 1. ``_scan_kernel``: one program owns BLOCK_N rows and streams over all K codes in tiles of
    LANES codes (tl.dot over D chunks, fp32 accumulation). bf16 / fp16 inputs go in as they
    are; fp32 / fp64 inputs are first rounded to fp16 after a power-of-two scaling (per row of
-   x, per sub-codebook), and the rounding residuals enter the error bound. The approximate
+   x, per sub-codebook), up to D = 21 as fp16 pairs (value and residual), and what the
+   operands miss enters the error bound (``scan_operands``). The approximate
    score s_j (l2: ||c_j||^2 - 2<x, c_j>; ip: -<x, c_j>; cosine: -<x, c_j> / ||c_j||) errs by
    at most eps (``score_bound``). Code j sits in lane j % LANES; per row and lane the kernel
    keeps the lane's best score and index, and the lane's ``runner_up`` = the best score of
@@ -39,6 +40,7 @@ COSINE_EPS = 1e-8
 UNIT = 2.0 ** -24  # fp32 unit roundoff
 FP16_SCALE_EXP = 14  # scaled fp32 inputs reach at most 2**14 in magnitude (fp16 max 65504)
 SAFETY = 2.0
+SPLIT_MAX_DIM = 21  # fp32 / fp64 inputs up to this D scan as fp16 pairs (3 D + 1 <= 64)
 UNIT_K = tl.constexpr(UNIT)
 TRUNCATION_REL = tl.constexpr(2.0 ** -22)  # 2 x the relative error of one unit in the last place
 
@@ -210,28 +212,54 @@ _scan_kernel_tuned = autotune(
 
 
 def scan_operands(x3, cb3):
-    """The scan's tensor-core operands and the dot's scale.
+    """The scan's tensor-core operands, the dot's scale and the operands' error terms.
 
     bf16 / fp16 inputs are used as they are. fp32 / fp64 inputs are scaled by powers of two
     (per row of x, per sub-codebook; the largest magnitude lands in [2**13, 2**14)) and
-    rounded to fp16, whose 11-bit significand keeps the bound 8x tighter than bf16's; the
-    rounding residuals (with the scaling undone) go to ``score_bound``.
+    rounded to fp16, whose 11-bit significand keeps the bound 8x tighter than bf16's. Up to
+    D = SPLIT_MAX_DIM, where the select and not the dot limits the scan, the rounding residual
+    joins as a second fp16 term: x' = [xh, xh, xl] and c' = [ch, cl, ch], so that <x', c'> =
+    <xh, ch> + <xh, cl> + <xl, ch> misses only products with a residual of a residual (about
+    2**-22 of ||x|| ||c|| where one fp16 term misses 2**-11).
 
-    Returns (xs [N, G, D], cs [G, K, D], scale [N, G] fp32 = 1 / (scale_x scale_c),
-    res_x [N, G] fp32 = ||x - xs / scale_x|| or None, res_c [G, K] fp32 likewise or None).
+    Returns (xs [N, G, D'], cs [G, K, D'], scale [N, G] fp32 = 1 / (scale_x scale_c), x_err,
+    c_err). x_err = (mag, res, cross) of fp32 [N, G] and c_err the same of [G, K] (None for
+    bf16 / fp16 inputs), in the inputs' units, such that sum_i |x'_i c'_i| / scale <= mag_x
+    mag_c and the operands' dot, scaled back, differs from <x, c> by at most res_x ||c|| +
+    mag_x res_c + cross_x cross_c.
     """
     num_rows, num_groups, _ = x3.shape
     if x3.dtype in (torch.bfloat16, torch.float16):
         ones = torch.ones((num_rows, num_groups), device=x3.device, dtype=torch.float32)
         return x3, cb3, ones, None, None
+    split = x3.shape[-1] <= SPLIT_MAX_DIM
     scale_x = _power_of_two_scale(x3.abs().amax(-1))                  # [N, G]
     scale_c = _power_of_two_scale(cb3.abs().amax(-1).amax(-1))        # [G]
-    xs = (x3 * scale_x.to(x3.dtype)[..., None]).half()
-    cs = (cb3 * scale_c.to(cb3.dtype)[:, None, None]).half()
-    res_x = (x3 - xs.to(x3.dtype) / scale_x.to(x3.dtype)[..., None]).float().norm(dim=-1)
-    res_c = (cb3 - cs.to(cb3.dtype) / scale_c.to(cb3.dtype)[:, None, None]).float().norm(dim=-1)
+    xs, x_err = _fp16_terms(x3 * scale_x.to(x3.dtype)[..., None], scale_x, split)
+    cs, c_err = _fp16_terms(cb3 * scale_c.to(cb3.dtype)[:, None, None], scale_c[:, None], split)
+    if split:
+        xs = torch.cat([xs[0], xs[0], xs[1]], -1)
+        cs = torch.cat([cs[0], cs[1], cs[0]], -1)
     scale = (scale_x * scale_c[None, :]).reciprocal()
-    return xs, cs, scale, res_x, res_c
+    return xs, cs, scale, x_err, c_err
+
+
+def _fp16_terms(scaled, scale, split):
+    """scaled (exactly v * scale, |.| < 2**14) -> (the fp16 term, or the pair (high, low) when
+    split, and (mag, res, cross) [...] fp32 of the terms and the residual, in v's units)."""
+    high = scaled.half()
+    residual = scaled - high.to(scaled.dtype)  # exact: the difference of a value and its rounding
+    inflate = (1 + 2.0 * (scaled.shape[-1] + 8) * UNIT) * (1 + 4 * UNIT)
+
+    def norm(v):
+        return v.float().norm(dim=-1) / scale * inflate
+    if not split:
+        no_cross = torch.zeros(residual.shape[:-1], device=scaled.device, dtype=torch.float32)
+        return high, (norm(high), norm(residual), no_cross)
+    low = residual.half()
+    rest = residual - low.to(scaled.dtype)
+    low_norm = norm(low)
+    return (high, low), (norm(high) + low_norm, norm(rest), low_norm)
 
 
 def _power_of_two_scale(amax):
@@ -241,38 +269,40 @@ def _power_of_two_scale(amax):
                        (FP16_SCALE_EXP - exponent).clamp(-126, 126))
 
 
-def score_bound(x3, norms, metric, res_x=None, res_c=None):
+def score_bound(x3, norms, metric, op_dim, x_err=None, c_err=None):
     """Per-row bound eps [N, G] (float32) on |approximate score - exact score| of the scan.
 
-    A length-D dot product accumulated in fp32 in any order errs by at most ~D u sum|x_i c_i|
-    <= D u ||x|| ||c|| (u = 2**-24; tensor-core accumulation taken as 4 D u); norms computed
-    in fp32 err by ~D u ||c||^2. Rounded operands x~ = x - r_x, c~ = c - r_c add
-    |<x, c> - <x~, c~>| <= ||r_x|| ||c|| + ||x~|| ||r_c||. With C = max_j ||c_j||:
-    l2: 2 dot_err + norm_rel C^2, ip: dot_err, cosine: dot_err / ||c_j||, bounded with the
-    largest relative code residual; all times SAFETY, plus final roundings.
+    A dot of op_dim products accumulated in fp32 in any order errs by at most ~op_dim u
+    sum_i |x'_i c'_i| <= op_dim u mag_x mag_c (u = 2**-24; tensor-core accumulation taken as
+    4 op_dim u); norms computed in fp32 err by ~D u ||c||^2. The operands' own error
+    (``scan_operands``) adds res_x ||c|| + mag_x res_c + cross_x cross_c. With C = max_j
+    ||c_j||: l2: 2 dot_err + norm_rel C^2, ip: dot_err, cosine: dot_err / ||c_j||, bounded
+    with the largest ratios over the codes; all times SAFETY, plus final roundings.
     """
     dim = x3.shape[-1]
-    acc_rel = _accumulation_rel(dim)
+    acc_rel = _accumulation_rel(op_dim)
     norm_rel = 2.0 * (dim + 8) * UNIT + (2 * UNIT if x3.dtype == torch.float64 else 0.0)
     inflate = (1 + norm_rel) * (1 + 4 * UNIT)
     code_norm_max = (norms.amax(dim=1) * (1 + norm_rel)).sqrt() * (1 + 4 * UNIT)  # [G]
     x_norm = row_sq_norms(x3.reshape(-1, dim)).view(x3.shape[0], x3.shape[1])
     x_norm = (x_norm * (1 + norm_rel)).sqrt() * (1 + 4 * UNIT)
-    if res_x is None:
-        rx, rc, rel_c = 0.0, 0.0, 0.0
+    if x_err is None:  # bf16 / fp16: the operands are the inputs
+        x_mag, x_res, x_cross = x_norm, 0.0, 0.0
+        c_mag, c_res, c_cross = code_norm_max, 0.0, 0.0
+        c_mag_rel, c_res_rel, c_cross_rel = 1.0, 0.0, 0.0  # the same over ||c_j|| (cosine)
     else:
-        rx, rc = res_x * inflate, res_c.amax(dim=1) * inflate
-        rel_c = (res_c / norms.sqrt().clamp_min(COSINE_EPS)).amax(dim=1) * inflate * inflate
-    x_rounded = x_norm + rx                      # bounds on ||x~||, ||c~||
-    c_rounded = code_norm_max + rc
-    dot_err = acc_rel * x_rounded * c_rounded + rx * code_norm_max + x_rounded * rc
+        x_mag, x_res, x_cross = x_err
+        c_mag, c_res, c_cross = (v.amax(dim=1) for v in c_err)
+        code_len = norms.sqrt().clamp_min(COSINE_EPS)
+        c_mag_rel, c_res_rel, c_cross_rel = ((v / code_len).amax(dim=1) * inflate for v in c_err)
+    dot_err = acc_rel * x_mag * c_mag + x_res * code_norm_max + x_mag * c_res + x_cross * c_cross
     if metric == "l2":
         eps = (2 * dot_err + 4 * UNIT * x_norm * code_norm_max
                + (norm_rel + 2 * UNIT) * code_norm_max ** 2)
     elif metric == "ip":
         eps = dot_err + 2 * UNIT * x_norm * code_norm_max
     else:
-        eps = (acc_rel * x_rounded * (1 + rel_c) + rx + x_rounded * rel_c
+        eps = (acc_rel * x_mag * c_mag_rel + x_res + x_mag * c_res_rel + x_cross * c_cross_rel
                + (norm_rel + 6 * UNIT) * x_norm)
     return (SAFETY * eps + 1e-30).float().contiguous()
 
@@ -293,7 +323,7 @@ def packed_bias(x3, xs, factor, eps):
     bias_code = 1.0 if x3.dtype in (torch.bfloat16, torch.float16) else 2.0 ** FP16_SCALE_EXP
     sq_norm = row_sq_norms(x3.reshape(-1, dim)).view(x3.shape[0], x3.shape[1])
     bias = (-sq_norm / (factor * bias_code)).clamp(-2.0 ** 15, 2.0 ** 15).to(xs.dtype).float()
-    eps = eps + SAFETY * _accumulation_rel(dim) * bias.abs() * (bias_code * factor)
+    eps = eps + SAFETY * _accumulation_rel(xs.shape[-1]) * bias.abs() * (bias_code * factor)
     return bias.contiguous(), bias_code, eps.contiguous()
 
 
@@ -317,14 +347,15 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
     else:
         norms = codebook_norms.float().contiguous()
     nterm = norms if metric != "cosine" else norms.sqrt().clamp_min(COSINE_EPS).reciprocal()
-    xs, cs, scale, res_x, res_c = scan_operands(x3, cb3)
-    eps = score_bound(x3, norms, metric, res_x, res_c)
+    xs, cs, scale, x_err, c_err = scan_operands(x3, cb3)
+    op_dim = xs.shape[-1]  # D, or 3 D for split fp32 operands
+    eps = score_bound(x3, norms, metric, op_dim, x_err, c_err)
     factor = (2 * scale if metric == "l2" else scale).contiguous()
-    d_pad = max(16, triton.next_power_of_2(dim))
+    d_pad = max(16, triton.next_power_of_2(op_dim))
     # Packed scores (the tile number in the low bits: one min per code for best and index)
     # where the spare dimension can carry the bias that keeps them small: l2, D < padded D,
     # and x in registers (padded D <= 64; the interpreter's BLOCK_D is 16).
-    pack = metric == "l2" and dim < d_pad <= (16 if interpreting() else 64)
+    pack = metric == "l2" and op_dim < d_pad <= (16 if interpreting() else 64)
     bias, bias_code = factor, 0.0  # read only when packing
     if pack:
         bias, bias_code, eps = packed_bias(x3, xs, factor, eps)
@@ -335,7 +366,7 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
     flag = torch.empty((num_rows, num_groups), device=x3.device, dtype=torch.int8)
     metric_id = METRIC_IDS[metric]
     args = (xs, cs, nterm.contiguous(), factor, bias, eps, cand, flag, num_rows, num_groups,
-            num_codes, dim, *xs.stride(), *cs.stride(), bias_code)
+            num_codes, op_dim, *xs.stride(), *cs.stride(), bias_code)
     options = dict(METRIC=metric_id, K_SEL=k, DOT_DTYPE=_dot_dtype(xs.dtype),
                    CAND=cand_slots, D_PAD=d_pad, PACK=pack)
     if interpreting():  # one small configuration: the interpreter is slow
@@ -360,6 +391,9 @@ COMPILE_CASES = [
                           CAND=16, D_PAD=16, PACK=True, BLOCK_N=128, BLOCK_D=16), _BF16_TYPES),
     ("_scan_kernel", dict(METRIC=0, K_SEL=1, DOT_DTYPE=tl.float16, PRECISION="ieee", LANES_=64,
                           CAND=16, D_PAD=16, PACK=False, BLOCK_N=128, BLOCK_D=16), _SCAN_TYPES),
+    # fp32 inputs with D = 8 as fp16 pairs: 24 operand dims, packed.
+    ("_scan_kernel", dict(METRIC=0, K_SEL=1, DOT_DTYPE=tl.float16, PRECISION="ieee", LANES_=64,
+                          CAND=16, D_PAD=32, PACK=True, BLOCK_N=64, BLOCK_D=32), _SCAN_TYPES),
     ("_scan_kernel", dict(METRIC=2, K_SEL=4, DOT_DTYPE=tl.bfloat16, PRECISION="ieee", LANES_=64,
                           CAND=16, D_PAD=256, PACK=False, BLOCK_N=64, BLOCK_D=256), _BF16_TYPES),
     ("_scan_kernel", dict(METRIC=0, K_SEL=20, DOT_DTYPE=tl.float16, PRECISION="ieee",

@@ -5,7 +5,8 @@
 - Flagged rows take an exact float64 scan of all codes, split over the codebook so that a
   few flagged rows do not serialise on one program each: ``flagged_rows`` lists them on the
   device (no host synchronisation), ``_split_topk_kernel`` has a fixed set of programs walk
-  the (flagged row, code chunk) items and write each chunk's k best, and
+  the (batch of SPLIT_ROWS flagged rows, code chunk) items and write each chunk's k best per
+  row (the rows of a batch share every code tile they load), and
   ``_merge_topk_kernel`` merges a row's chunks. Ties go to the lowest index everywhere, so the
   result does not depend on the split.
 
@@ -25,6 +26,7 @@ from . import interpreting
 COSINE_EPS = 1e-8
 _COSINE_EPS_K = tl.constexpr(COSINE_EPS)  # the same, readable inside kernels
 SPLIT_CODES = 2048          # codes per chunk of a flagged row's exact scan
+SPLIT_ROWS = 8              # flagged rows that share each code tile of that scan
 PARTIALS_BYTES = 64 << 20   # bound on the chunk results kept for the merge
 
 
@@ -87,40 +89,44 @@ def _rerank_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, dist_ptr, idx_ptr,
 @triton.jit
 def _split_topk_kernel(x_ptr, c_ptr, order_ptr, count_ptr, part_d_ptr, part_i_ptr,
                        G, K, D, sxn, sxg, sxd, scg, sck, scd, num_splits, split_codes,
-                       METRIC: tl.constexpr, K_SEL: tl.constexpr, BLOCK: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
-    """Item (slot, s): the K_SEL best codes of chunk s of flagged row order[slot], each
-    found as the lexicographically next (dist, index) after the previous one."""
+                       METRIC: tl.constexpr, K_SEL: tl.constexpr, ROWS: tl.constexpr,
+                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Item (batch, s): the K_SEL best codes of chunk s for the ROWS flagged rows
+    order[batch * ROWS ...], each found as the lexicographically next (dist, index) after the
+    previous one. The rows of a batch share the chunk's code tiles."""
     offs = tl.arange(0, BLOCK)
-    inf64 = tl.full([BLOCK], float("inf"), dtype=tl.float64)
-    total = tl.load(count_ptr) * num_splits
+    count = tl.load(count_ptr)
+    total = tl.cdiv(count, ROWS) * num_splits
     for item in range(tl.program_id(0), total, tl.num_programs(0)):
-        row = tl.load(order_ptr + item // num_splits)
+        slots = (item // num_splits) * ROWS + tl.arange(0, ROWS)
+        row_ok = slots < count
+        row = tl.load(order_ptr + slots, mask=row_ok, other=0)
         lo = ((item % num_splits) * split_codes).to(tl.int32)  # code numbers are int32
         hi = tl.minimum(lo + split_codes, K)
         g = row % G
-        x_row = tl.zeros([1], dtype=tl.int64) + ((row // G) * sxn + g * sxg)
-        c_row = tl.zeros([1], dtype=tl.int64) + g * scg
-        prev_d = -tl.max(inf64, axis=0)
-        prev_j = tl.min(offs * 0 - 1, axis=0)
+        x_rows = x_ptr + (row // G) * sxn + g * sxg
+        c_rows = c_ptr + g * scg
+        prev_d = tl.full([ROWS], float("-inf"), dtype=tl.float64)
+        prev_j = tl.full([ROWS], -1, dtype=tl.int32)
         for t in range(K_SEL):
-            best_d = tl.max(inf64, axis=0)
-            best_j = tl.min(offs * 0 + K, axis=0)
+            best_d = tl.full([ROWS], float("inf"), dtype=tl.float64)
+            best_j = tl.full([ROWS], K, dtype=tl.int32)
             for k0 in range(lo, hi, BLOCK):
-                codes = k0 + offs
+                codes = tl.broadcast_to((k0 + offs)[None, :], [ROWS, BLOCK])
                 valid = codes < hi
-                d = _exact_distances(x_ptr + x_row, x_row >= 0, c_ptr + c_row, codes[None, :],
-                                     valid[None, :], D, sxd, sck, scd, METRIC, BLOCK_D)
-                d = tl.reshape(d, [BLOCK])
-                after = (d > prev_d) | ((d == prev_d) & (codes > prev_j))
-                d = tl.where(valid & after, d, float("inf"))
-                m = tl.min(d, axis=0)
-                j = tl.min(tl.where(valid & after & (d == m), codes, K), axis=0)
+                d = _exact_distances(x_rows, row_ok, c_rows, codes, valid, D, sxd, sck, scd,
+                                     METRIC, BLOCK_D)
+                after = valid & ((d > prev_d[:, None])
+                                 | ((d == prev_d[:, None]) & (codes > prev_j[:, None])))
+                d = tl.where(after, d, float("inf"))
+                m = tl.min(d, axis=1)
+                j = tl.min(tl.where(after & (d == m[:, None]), codes, K), axis=1)
                 take = (m < best_d) | ((m == best_d) & (j < best_j))
                 best_d = tl.where(take, m, best_d)
                 best_j = tl.where(take, j, best_j)
-            tl.store(part_d_ptr + item * K_SEL + t, best_d)
-            tl.store(part_i_ptr + item * K_SEL + t, best_j.to(tl.int64))
+            out = ((slots * num_splits + item % num_splits) * K_SEL + t).to(tl.int64)
+            tl.store(part_d_ptr + out, best_d, mask=row_ok)
+            tl.store(part_i_ptr + out, best_j.to(tl.int64), mask=row_ok)
             prev_d = best_d
             prev_j = best_j
 
@@ -197,8 +203,9 @@ def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides):
     programs = _num_programs(x3.device)
     _split_topk_kernel[(programs,)](
         x3, cb3, order, count, part_d, part_i, num_groups, num_codes, dim, *strides,
-        num_splits, split_codes, METRIC=metric_id, K_SEL=k, BLOCK=64, BLOCK_D=block_d,
-        num_warps=4, enable_fp_fusion=False)
+        num_splits, split_codes, METRIC=metric_id, K_SEL=k, ROWS=SPLIT_ROWS,
+        BLOCK=2048 // (SPLIT_ROWS * block_d), BLOCK_D=block_d, num_warps=4,
+        enable_fp_fusion=False)
     _merge_topk_kernel[(programs,)](order, count, part_d, part_i, dist, idx, num_codes,
                                     num_splits * k, K_SEL=k, BLOCK=128, num_warps=4)
 
@@ -213,8 +220,10 @@ COMPILE_CASES = [
     # Unit strides as the JIT specialises them: the tile layout that fused unevenly (k = 8).
     ("_rerank_kernel", dict(METRIC=0, K_SEL=8, CAND=16, ROWS=8, BLOCK_D=16, sxd=1, scd=1),
      _TYPES, _NO_FMA),
-    ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, BLOCK=64, BLOCK_D=16), _TYPES, _NO_FMA),
-    ("_split_topk_kernel", dict(METRIC=2, K_SEL=4, BLOCK=64, BLOCK_D=8), _TYPES, _NO_FMA),
+    ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, ROWS=8, BLOCK=16, BLOCK_D=16), _TYPES,
+     _NO_FMA),
+    ("_split_topk_kernel", dict(METRIC=2, K_SEL=4, ROWS=8, BLOCK=32, BLOCK_D=8), _TYPES,
+     _NO_FMA),
     ("_merge_topk_kernel", dict(K_SEL=1, BLOCK=128), _TYPES),
     ("_merge_topk_kernel", dict(K_SEL=8, BLOCK=128), _TYPES),
 ]
