@@ -241,14 +241,15 @@ def test_triton_search_large_k():
 
 
 @needs_triton
-@pytest.mark.parametrize("metric,k", [("l2", 3), ("cosine", 1)])
-def test_triton_exact_fallback_on_every_row(metric, k, monkeypatch):
+@pytest.mark.parametrize("metric,k,batch", [("l2", 3, 8), ("cosine", 1, 8), ("l2", 2, 1)])
+def test_triton_exact_fallback_on_every_row(metric, k, batch, monkeypatch):
     """Every row flagged: the float64 split scan alone gives the result, with row batches that
     straddle the two sub-codebooks and a last batch that is part empty, and several chunks."""
     from gtkernels.triton import codebook_exact
     from gtkernels.triton.codebook import METRIC_IDS
 
     monkeypatch.setattr(codebook_exact, "SPLIT_CODES", 40)  # 101 codes: chunks of 34
+    monkeypatch.setattr(codebook_exact, "SPLIT_ROWS", batch)
     device = triton_device()
     x, codebook = near_tie_codebook(21, 101, 9, torch.float32, device)
     x3 = torch.stack([x, x.flip(0)], 1)                       # [21, 2, 9]: 42 rows
@@ -260,6 +261,38 @@ def test_triton_exact_fallback_on_every_row(metric, k, monkeypatch):
     codebook_exact.rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, METRIC_IDS[metric],
                                        (*x3.stride(), *cb3.stride()))
     assert_search_exact(x3, cb3, k, metric, dist, idx)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [8, 37])  # fp16 pairs (D <= 21), one fp16 term
+def test_triton_scan_operands_bound_their_dots(dtype, dim):
+    """The fp16 operands, scaled back, give every <x, c> within res_x ||c|| + mag_x res_c +
+    cross_x cross_c, sum |x'_i c'_i| stays under mag_x mag_c, and the scaled values fit fp16."""
+    from gtkernels.triton.codebook_operands import scan_operands
+
+    device = triton_device()
+    x3 = (torch.randn(2, 30, dim, device=device, dtype=dtype) * 1e3).transpose(0, 1)  # strided
+    x3[3] = 0.0                                                     # a zero row
+    cb3 = torch.randn(2, 50, dim, device=device, dtype=dtype) * torch.tensor([1e-3, 7.0],
+                                                                              device=device, dtype=dtype)[:, None, None]
+    xs, cs, scale, x_err, c_err = scan_operands(x3, cb3)
+    assert xs.dtype == cs.dtype == torch.float16 and xs.shape[-1] == cs.shape[-1]
+    assert xs.shape[-1] == (3 * dim if dim <= 21 else dim)
+    assert bool(torch.isfinite(xs).all() and torch.isfinite(cs).all())
+    x64, c64 = x3.cpu().double(), cb3.cpu().double()
+    dots = torch.einsum("ngd,gkd->ngk", xs.cpu().double(), cs.cpu().double())
+    dots = dots * scale.cpu().double()[..., None]
+    exact = torch.einsum("ngd,gkd->ngk", x64, c64)
+    mag_x, res_x, cross_x = (v.cpu().double()[..., None] for v in x_err)
+    mag_c, res_c, cross_c = (v.cpu().double()[None] for v in c_err)
+    bound = res_x * c64.norm(dim=-1)[None] + mag_x * res_c + cross_x * cross_c
+    assert bool(((dots - exact).abs() <= bound).all())
+    abs_dots = torch.einsum("ngd,gkd->ngk", xs.cpu().double().abs(), cs.cpu().double().abs())
+    assert bool((abs_dots * scale.cpu().double()[..., None] <= mag_x * mag_c * (1 + 1e-6)).all())
+    if dim <= 21:  # the pair leaves about 2**-22 relative, one fp16 term about 2**-11
+        scaled = bound / (x64.norm(dim=-1)[..., None] * c64.norm(dim=-1)[None]).clamp_min(1e-300)
+        assert float(scaled.max()) < 2.0 ** -18
 
 
 @needs_triton

@@ -33,14 +33,12 @@ import triton.language as tl
 from . import interpreting
 from ._common import autotune
 from .codebook_exact import rerank_and_fallback
+from .codebook_operands import FP16_SCALE_EXP, UNIT, scan_operands
 from .norms import row_sq_norms
 
 METRIC_IDS = {"l2": 0, "ip": 1, "cosine": 2}
 COSINE_EPS = 1e-8
-UNIT = 2.0 ** -24  # fp32 unit roundoff
-FP16_SCALE_EXP = 14  # scaled fp32 inputs reach at most 2**14 in magnitude (fp16 max 65504)
 SAFETY = 2.0
-SPLIT_MAX_DIM = 21  # fp32 / fp64 inputs up to this D scan as fp16 pairs (3 D + 1 <= 64)
 UNIT_K = tl.constexpr(UNIT)
 TRUNCATION_REL = tl.constexpr(2.0 ** -22)  # 2 x the relative error of one unit in the last place
 
@@ -209,64 +207,6 @@ _scan_kernel_tuned = autotune(
     key=["D", "METRIC", "K_SEL", "DOT_DTYPE", "PACK"],
     prune_configs_by={"early_config_prune": _prune_scan_configs},
 )(_scan_kernel)
-
-
-def scan_operands(x3, cb3):
-    """The scan's tensor-core operands, the dot's scale and the operands' error terms.
-
-    bf16 / fp16 inputs are used as they are. fp32 / fp64 inputs are scaled by powers of two
-    (per row of x, per sub-codebook; the largest magnitude lands in [2**13, 2**14)) and
-    rounded to fp16, whose 11-bit significand keeps the bound 8x tighter than bf16's. Up to
-    D = SPLIT_MAX_DIM, where the select and not the dot limits the scan, the rounding residual
-    joins as a second fp16 term: x' = [xh, xh, xl] and c' = [ch, cl, ch], so that <x', c'> =
-    <xh, ch> + <xh, cl> + <xl, ch> misses only products with a residual of a residual (about
-    2**-22 of ||x|| ||c|| where one fp16 term misses 2**-11).
-
-    Returns (xs [N, G, D'], cs [G, K, D'], scale [N, G] fp32 = 1 / (scale_x scale_c), x_err,
-    c_err). x_err = (mag, res, cross) of fp32 [N, G] and c_err the same of [G, K] (None for
-    bf16 / fp16 inputs), in the inputs' units, such that sum_i |x'_i c'_i| / scale <= mag_x
-    mag_c and the operands' dot, scaled back, differs from <x, c> by at most res_x ||c|| +
-    mag_x res_c + cross_x cross_c.
-    """
-    num_rows, num_groups, _ = x3.shape
-    if x3.dtype in (torch.bfloat16, torch.float16):
-        ones = torch.ones((num_rows, num_groups), device=x3.device, dtype=torch.float32)
-        return x3, cb3, ones, None, None
-    split = x3.shape[-1] <= SPLIT_MAX_DIM
-    scale_x = _power_of_two_scale(x3.abs().amax(-1))                  # [N, G]
-    scale_c = _power_of_two_scale(cb3.abs().amax(-1).amax(-1))        # [G]
-    xs, x_err = _fp16_terms(x3 * scale_x.to(x3.dtype)[..., None], scale_x, split)
-    cs, c_err = _fp16_terms(cb3 * scale_c.to(cb3.dtype)[:, None, None], scale_c[:, None], split)
-    if split:
-        xs = torch.cat([xs[0], xs[0], xs[1]], -1)
-        cs = torch.cat([cs[0], cs[1], cs[0]], -1)
-    scale = (scale_x * scale_c[None, :]).reciprocal()
-    return xs, cs, scale, x_err, c_err
-
-
-def _fp16_terms(scaled, scale, split):
-    """scaled (exactly v * scale, |.| < 2**14) -> (the fp16 term, or the pair (high, low) when
-    split, and (mag, res, cross) [...] fp32 of the terms and the residual, in v's units)."""
-    high = scaled.half()
-    residual = scaled - high.to(scaled.dtype)  # exact: the difference of a value and its rounding
-    inflate = (1 + 2.0 * (scaled.shape[-1] + 8) * UNIT) * (1 + 4 * UNIT)
-
-    def norm(v):
-        return v.float().norm(dim=-1) / scale * inflate
-    if not split:
-        no_cross = torch.zeros(residual.shape[:-1], device=scaled.device, dtype=torch.float32)
-        return high, (norm(high), norm(residual), no_cross)
-    low = residual.half()
-    rest = residual - low.to(scaled.dtype)
-    low_norm = norm(low)
-    return (high, low), (norm(high) + low_norm, norm(rest), low_norm)
-
-
-def _power_of_two_scale(amax):
-    """fp32 2**(FP16_SCALE_EXP - e) with amax < 2**e (frexp), so |value * scale| < 2**14."""
-    _, exponent = torch.frexp(amax.float())
-    return torch.ldexp(torch.ones_like(amax, dtype=torch.float32),
-                       (FP16_SCALE_EXP - exponent).clamp(-126, 126))
 
 
 def score_bound(x3, norms, metric, op_dim, x_err=None, c_err=None):

@@ -5,8 +5,9 @@
 - Flagged rows take an exact float64 scan of all codes, split over the codebook so that a
   few flagged rows do not serialise on one program each: ``flagged_rows`` lists them on the
   device (no host synchronisation), ``_split_topk_kernel`` has a fixed set of programs walk
-  the (batch of SPLIT_ROWS flagged rows, code chunk) items and write each chunk's k best per
-  row (the rows of a batch share every code tile they load), and
+  the (batch of flagged rows, code chunk) items and write each chunk's k best per row (a
+  batch shares every code tile it loads: 8 rows where the codebook exceeds half the L2
+  cache, else 1), and
   ``_merge_topk_kernel`` merges a row's chunks. Ties go to the lowest index everywhere, so the
   result does not depend on the split.
 
@@ -25,8 +26,8 @@ from . import interpreting
 
 COSINE_EPS = 1e-8
 _COSINE_EPS_K = tl.constexpr(COSINE_EPS)  # the same, readable inside kernels
-SPLIT_CODES = 2048          # codes per chunk of a flagged row's exact scan
-SPLIT_ROWS = 8              # flagged rows that share each code tile of that scan
+SPLIT_CODES = 512           # codes per chunk of a flagged row's exact scan (at least)
+SPLIT_ROWS = 8              # flagged rows that share each code tile of a large codebook
 PARTIALS_BYTES = 64 << 20   # bound on the chunk results kept for the merge
 
 
@@ -174,6 +175,16 @@ def flagged_rows(flag):
     return order, position[-1:]
 
 
+def _rows_per_batch(cb3):
+    """Flagged rows that share each code tile: SPLIT_ROWS where the codebook would stream
+    from memory once per row (over half the L2 cache), 1 where it stays in L2 and sharing
+    would only cost parallelism. The interpreter takes SPLIT_ROWS (tests set it)."""
+    if interpreting():
+        return SPLIT_ROWS
+    l2_bytes = torch.cuda.get_device_properties(cb3.device).L2_cache_size
+    return SPLIT_ROWS if cb3.numel() * cb3.element_size() > l2_bytes // 2 else 1
+
+
 def _num_programs(device):
     if interpreting():
         return 2
@@ -201,11 +212,11 @@ def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides):
     part_d = torch.empty(rows * num_splits * k, device=x3.device, dtype=torch.float64)
     part_i = torch.empty(rows * num_splits * k, device=x3.device, dtype=torch.int64)
     programs = _num_programs(x3.device)
+    batch = _rows_per_batch(cb3)
     _split_topk_kernel[(programs,)](
         x3, cb3, order, count, part_d, part_i, num_groups, num_codes, dim, *strides,
-        num_splits, split_codes, METRIC=metric_id, K_SEL=k, ROWS=SPLIT_ROWS,
-        BLOCK=2048 // (SPLIT_ROWS * block_d), BLOCK_D=block_d, num_warps=4,
-        enable_fp_fusion=False)
+        num_splits, split_codes, METRIC=metric_id, K_SEL=k, ROWS=batch,
+        BLOCK=2048 // (batch * block_d), BLOCK_D=block_d, num_warps=4, enable_fp_fusion=False)
     _merge_topk_kernel[(programs,)](order, count, part_d, part_i, dist, idx, num_codes,
                                     num_splits * k, K_SEL=k, BLOCK=128, num_warps=4)
 
@@ -221,6 +232,8 @@ COMPILE_CASES = [
     ("_rerank_kernel", dict(METRIC=0, K_SEL=8, CAND=16, ROWS=8, BLOCK_D=16, sxd=1, scd=1),
      _TYPES, _NO_FMA),
     ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, ROWS=8, BLOCK=16, BLOCK_D=16), _TYPES,
+     _NO_FMA),
+    ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, ROWS=1, BLOCK=128, BLOCK_D=16), _TYPES,
      _NO_FMA),
     ("_split_topk_kernel", dict(METRIC=2, K_SEL=4, ROWS=8, BLOCK=32, BLOCK_D=8), _TYPES,
      _NO_FMA),
