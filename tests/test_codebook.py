@@ -214,7 +214,7 @@ def test_distill_compiles_without_graph_break():
 # --- Triton kernels, called directly (CPU tensors through the interpreter without a GPU) ---
 
 @needs_triton
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float64])
 @pytest.mark.parametrize("metric,k,near_ties", [("l2", 1, False), ("ip", 3, True),
                                                 ("cosine", 2, False), ("l2", 5, True)])
 def test_triton_search(dtype, metric, k, near_ties):
