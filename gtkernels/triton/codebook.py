@@ -33,7 +33,7 @@ import triton.language as tl
 from . import interpreting
 from ._common import autotune
 from .codebook_exact import rerank_and_fallback
-from .codebook_operands import FP16_SCALE_EXP, UNIT, scan_operands
+from .codebook_operands import FP16_SCALE_EXP, UNIT, fp32_norm_rel, scan_operands
 from .norms import row_sq_norms
 
 METRIC_IDS = {"l2": 0, "ip": 1, "cosine": 2}
@@ -209,8 +209,9 @@ _scan_kernel_tuned = autotune(
 )(_scan_kernel)
 
 
-def score_bound(x3, norms, metric, op_dim, x_err=None, c_err=None):
-    """Per-row bound eps [N, G] (float32) on |approximate score - exact score| of the scan.
+def score_bound(x3, x_sq, norms, metric, op_dim, x_err=None, c_err=None):
+    """Per-row bound eps [N, G] (float32) on |approximate score - exact score| of the scan;
+    x_sq [N, G] fp32 holds the rows' ||x||^2 (``row_sq_norms``).
 
     A dot of op_dim products accumulated in fp32 in any order errs by at most ~op_dim u
     sum_i |x'_i c'_i| <= op_dim u mag_x mag_c (u = 2**-24; tensor-core accumulation taken as
@@ -221,11 +222,10 @@ def score_bound(x3, norms, metric, op_dim, x_err=None, c_err=None):
     """
     dim = x3.shape[-1]
     acc_rel = _accumulation_rel(op_dim)
-    norm_rel = 2.0 * (dim + 8) * UNIT + (2 * UNIT if x3.dtype == torch.float64 else 0.0)
+    norm_rel = fp32_norm_rel(dim) + (2 * UNIT if x3.dtype == torch.float64 else 0.0)
     inflate = (1 + norm_rel) * (1 + 4 * UNIT)
     code_norm_max = (norms.amax(dim=1) * (1 + norm_rel)).sqrt() * (1 + 4 * UNIT)  # [G]
-    x_norm = row_sq_norms(x3.reshape(-1, dim)).view(x3.shape[0], x3.shape[1])
-    x_norm = (x_norm * (1 + norm_rel)).sqrt() * (1 + 4 * UNIT)
+    x_norm = (x_sq * (1 + norm_rel)).sqrt() * (1 + 4 * UNIT)
     if x_err is None:  # bf16 / fp16: the operands are the inputs
         x_mag, x_res, x_cross = x_norm, 0.0, 0.0
         c_mag, c_res, c_cross = code_norm_max, 0.0, 0.0
@@ -252,17 +252,15 @@ def _accumulation_rel(dim):
     return 4.0 * (dim + 16) * UNIT
 
 
-def packed_bias(x3, xs, factor, eps):
+def packed_bias(x3, x_sq, xs, factor, eps):
     """The l2 scan's per-row bias in the spare dimension D (D < padded D): x~[:, D] times
     the codes' bias_code in that dimension adds about ||x||^2 to every score of the row, so
     the scores are the distances themselves, small near the best code, where packing the
     tile number into their low bits errs least. Any bias is exact (one constant per row);
     its rounding in the dot joins the bound: returns (bias [N, G] fp32, holding dot-dtype
     values, bias_code, eps + SAFETY acc_rel |bias| bias_code factor)."""
-    dim = x3.shape[-1]
     bias_code = 1.0 if x3.dtype in (torch.bfloat16, torch.float16) else 2.0 ** FP16_SCALE_EXP
-    sq_norm = row_sq_norms(x3.reshape(-1, dim)).view(x3.shape[0], x3.shape[1])
-    bias = (-sq_norm / (factor * bias_code)).clamp(-2.0 ** 15, 2.0 ** 15).to(xs.dtype).float()
+    bias = (-x_sq / (factor * bias_code)).clamp(-2.0 ** 15, 2.0 ** 15).to(xs.dtype).float()
     eps = eps + SAFETY * _accumulation_rel(xs.shape[-1]) * bias.abs() * (bias_code * factor)
     return bias.contiguous(), bias_code, eps.contiguous()
 
@@ -289,7 +287,8 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
     nterm = norms if metric != "cosine" else norms.sqrt().clamp_min(COSINE_EPS).reciprocal()
     xs, cs, scale, x_err, c_err = scan_operands(x3, cb3)
     op_dim = xs.shape[-1]  # D, or 3 D for split fp32 operands
-    eps = score_bound(x3, norms, metric, op_dim, x_err, c_err)
+    x_sq = row_sq_norms(x3.reshape(-1, dim)).view(num_rows, num_groups)  # read once
+    eps = score_bound(x3, x_sq, norms, metric, op_dim, x_err, c_err)
     factor = (2 * scale if metric == "l2" else scale).contiguous()
     d_pad = max(16, triton.next_power_of_2(op_dim))
     # Packed scores (the tile number in the low bits: one min per code for best and index)
@@ -298,7 +297,7 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
     pack = metric == "l2" and op_dim < d_pad <= (16 if interpreting() else 64)
     bias, bias_code = factor, 0.0  # read only when packing
     if pack:
-        bias, bias_code, eps = packed_bias(x3, xs, factor, eps)
+        bias, bias_code, eps = packed_bias(x3, x_sq, xs, factor, eps)
     # Lanes (= codes per tile, each with its best in registers): the autotuner picks 32, 64
     # or 128, always 128 for k > 16 (fewer lane collisions, so fewer exact-fallback rows).
     cand_slots = min(128, max(16, 2 * triton.next_power_of_2(k)))

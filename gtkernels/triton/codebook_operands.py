@@ -25,6 +25,11 @@ FP16_SCALE_EXP = 14    # scaled inputs stay below 2**14 in magnitude
 UNIT = 2.0 ** -24      # fp32 unit roundoff
 
 
+def fp32_norm_rel(dim):
+    """Relative bound 2 (dim + 8) u on a sum of dim squares computed in fp32 (any order)."""
+    return 2.0 * (dim + 8) * UNIT
+
+
 @triton.jit
 def _power_of_two_scale(amax):
     """fp32 2**(14 - e) with amax < 2**e, the exponent clamped to [-126, 126] (2**14 for
@@ -98,9 +103,8 @@ def _operand_rows(v3, group_amax, is_x, split, scale=None):
     err = torch.empty((outer, inner, 3), device=v3.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(dim))
     block_r = max(1, min(64, 4096 // block_d))
-    # fp32 norms of dim terms err by at most (dim + 2) u relative; the division by a power of
-    # two is exact.
-    inflate = (1 + 2.0 * (dim + 8) * UNIT) * (1 + 4 * UNIT)
+    # The division by a power of two is exact.
+    inflate = (1 + fp32_norm_rel(dim)) * (1 + 4 * UNIT)
     _operand_rows_kernel[(triton.cdiv(rows, block_r),)](
         v3, group_amax, out, err, scale if scale is not None else err, rows, inner, dim,
         *v3.stride(), inflate, IS_X=is_x, SPLIT=split, BLOCK_R=block_r, BLOCK_D=block_d,
