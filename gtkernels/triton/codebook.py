@@ -61,10 +61,11 @@ def _dot_chunked(x_rows, row_mask, c_base, cols, D, sxd, sck, scd,
 
 @triton.jit
 def _scan_tile(best, best_idx, runner_up, x_tile, x_rows, row_mask, c_base, nterm_ptr, neg_factor,
-               k0, keep_bits, K, D, sxd, sck, scd, bias_code,
+               k0, keep_bits, K, D, sxd, sck, scd,
                METRIC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                LANES_: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr, PACK: tl.constexpr, LAST: tl.constexpr):
+               BLOCK_D: tl.constexpr, PACK: tl.constexpr, FULL_D: tl.constexpr,
+               LAST: tl.constexpr):
     """Folds the codes k0 .. k0 + LANES - 1 into the per-lane state. Only the LAST tile may
     reach past K: its codes past K read code K - 1 (in bounds) and score +inf."""
     cols = k0 + tl.arange(0, LANES_)
@@ -74,11 +75,12 @@ def _scan_tile(best, best_idx, runner_up, x_tile, x_rows, row_mask, c_base, nter
         cols_in = cols
     if D_PAD <= BLOCK_D:
         dk = tl.arange(0, BLOCK_D)
-        cb = tl.load(c_base + cols_in[None, :] * sck + dk[:, None] * scd,
-                     mask=dk[:, None] < D, other=0.0).to(DOT_DTYPE)
-        if PACK:  # the spare dimension D carries the row's bias: x_tile[:, D] * bias_code
-            code_bias = (tl.zeros([1, 1], dtype=tl.float32) + bias_code).to(DOT_DTYPE)
-            cb = tl.where(dk[:, None] == D, code_bias, cb)
+        if FULL_D:  # D = D_PAD, or codes padded to D_PAD (PACK): no mask, so the tiles
+            # load as whole vectors and the compiler pipelines them (cp.async on sm_90)
+            cb = tl.load(c_base + cols_in[None, :] * sck + dk[:, None] * scd).to(DOT_DTYPE)
+        else:
+            cb = tl.load(c_base + cols_in[None, :] * sck + dk[:, None] * scd,
+                         mask=dk[:, None] < D, other=0.0).to(DOT_DTYPE)
         acc = tl.dot(x_tile, cb, input_precision=PRECISION)
     else:
         acc = _dot_chunked(x_rows, row_mask, c_base, cols_in, D, sxd, sck, scd, DOT_DTYPE,
@@ -110,10 +112,11 @@ def _scan_tile(best, best_idx, runner_up, x_tile, x_rows, row_mask, c_base, nter
 
 @triton.jit
 def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, bias_ptr, eps_ptr, cand_ptr, flag_ptr,
-                 N, G, K, D, sxn, sxg, sxd, scg, sck, scd, bias_code,
+                 N, G, K, D, sxn, sxg, sxd, scg, sck, scd,
                  METRIC: tl.constexpr, K_SEL: tl.constexpr, DOT_DTYPE: tl.constexpr,
                  PRECISION: tl.constexpr, LANES_: tl.constexpr, CAND: tl.constexpr,
-                 D_PAD: tl.constexpr, PACK: tl.constexpr, BLOCK_N: tl.constexpr,
+                 D_PAD: tl.constexpr, PACK: tl.constexpr, FULL_D: tl.constexpr,
+                 BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr):
     g = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -147,13 +150,13 @@ def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, bias_ptr, eps_ptr, cand_pt
     for k0 in range(0, full_end, LANES_):
         best, best_idx, runner_up = _scan_tile(
             best, best_idx, runner_up, x_tile, x_rows, row_mask, c_base, nterm_g, neg_factor, k0,
-            keep_bits, K, D, sxd, sck, scd, bias_code, METRIC, DOT_DTYPE, PRECISION, LANES_,
-            D_PAD, BLOCK_N, BLOCK_D, PACK, False)
+            keep_bits, K, D, sxd, sck, scd, METRIC, DOT_DTYPE, PRECISION, LANES_,
+            D_PAD, BLOCK_N, BLOCK_D, PACK, FULL_D, False)
     if full_end < K:
         best, best_idx, runner_up = _scan_tile(
             best, best_idx, runner_up, x_tile, x_rows, row_mask, c_base, nterm_g, neg_factor,
-            full_end, keep_bits, K, D, sxd, sck, scd, bias_code, METRIC, DOT_DTYPE, PRECISION,
-            LANES_, D_PAD, BLOCK_N, BLOCK_D, PACK, True)
+            full_end, keep_bits, K, D, sxd, sck, scd, METRIC, DOT_DTYPE, PRECISION,
+            LANES_, D_PAD, BLOCK_N, BLOCK_D, PACK, FULL_D, True)
     if PACK:
         best_idx = (best.to(tl.int32, bitcast=True) & ~keep_bits) * LANES_ + lanes[None, :]
     # k-th smallest lane best: take the smallest out k - 1 times (once per row block).
@@ -267,6 +270,16 @@ def packed_bias(x3, x_sq, xs, factor, eps):
     return bias.contiguous(), bias_code, eps.contiguous()
 
 
+def _padded_codes(cs, d_pad, bias_code):
+    """The packed scan's codes [G, K, d_pad] (contiguous, so tiles load as whole vectors
+    without a mask): cs in the first D' dims, bias_code in dim D', zeros after."""
+    num_groups, num_codes, op_dim = cs.shape
+    padded = cs.new_zeros((num_groups, num_codes, d_pad))
+    padded[..., :op_dim] = cs
+    padded[..., op_dim] = bias_code
+    return padded
+
+
 def _dot_dtype(dtype):
     if interpreting():  # the interpreter's bf16 dot is unreliable; fp32 is exact for bf16 too
         return tl.float32
@@ -297,9 +310,10 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
     # where the spare dimension can carry the bias that keeps them small: l2, D < padded D,
     # and x in registers (padded D <= 64; the interpreter's BLOCK_D is 16).
     pack = metric == "l2" and op_dim < d_pad <= (16 if interpreting() else 64)
-    bias, bias_code = factor, 0.0  # read only when packing
+    bias = factor  # read only when packing
     if pack:
         bias, bias_code, eps = packed_bias(x3, x_sq, xs, factor, eps)
+        cs = _padded_codes(cs, d_pad, bias_code)
     # Lanes (= codes per tile, each with its best in registers): the autotuner picks 32, 64
     # or 128, always 128 for k > 16 (fewer lane collisions, so fewer exact-fallback rows).
     cand_slots = min(128, max(16, 2 * triton.next_power_of_2(k)))
@@ -307,9 +321,9 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
     flag = torch.empty((num_rows, num_groups), device=x3.device, dtype=torch.int8)
     metric_id = METRIC_IDS[metric]
     args = (xs, cs, nterm.contiguous(), factor, bias, eps, cand, flag, num_rows, num_groups,
-            num_codes, op_dim, *xs.stride(), *cs.stride(), bias_code)
+            num_codes, op_dim, *xs.stride(), *cs.stride())
     options = dict(METRIC=metric_id, K_SEL=k, DOT_DTYPE=_dot_dtype(xs.dtype),
-                   CAND=cand_slots, D_PAD=d_pad, PACK=pack)
+                   CAND=cand_slots, D_PAD=d_pad, PACK=pack, FULL_D=pack or op_dim == d_pad)
     if interpreting():  # one small configuration: the interpreter is slow
         _scan_kernel[(triton.cdiv(num_rows, 16), num_groups)](
             *args, **options, PRECISION="ieee", BLOCK_N=16, BLOCK_D=16,
@@ -324,20 +338,24 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
 
 # Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed).
 _SCAN_TYPES = {"x_ptr": "*fp16", "c_ptr": "*fp16", "nterm_ptr": "*fp32", "factor_ptr": "*fp32",
-               "bias_ptr": "*fp32", "eps_ptr": "*fp32", "cand_ptr": "*i32", "flag_ptr": "*i8",
-               "bias_code": "fp32"}
+               "bias_ptr": "*fp32", "eps_ptr": "*fp32", "cand_ptr": "*i32", "flag_ptr": "*i8"}
 _BF16_TYPES = dict(_SCAN_TYPES, x_ptr="*bf16", c_ptr="*bf16")
 COMPILE_CASES = [
     ("_scan_kernel", dict(METRIC=0, K_SEL=1, DOT_DTYPE=tl.bfloat16, PRECISION="ieee", LANES_=32,
-                          CAND=16, D_PAD=16, PACK=True, BLOCK_N=128, BLOCK_D=16), _BF16_TYPES),
+                          CAND=16, D_PAD=16, PACK=True, FULL_D=True, BLOCK_N=128, BLOCK_D=16),
+     _BF16_TYPES),
     ("_scan_kernel", dict(METRIC=0, K_SEL=1, DOT_DTYPE=tl.float16, PRECISION="ieee", LANES_=64,
-                          CAND=16, D_PAD=16, PACK=False, BLOCK_N=128, BLOCK_D=16), _SCAN_TYPES),
+                          CAND=16, D_PAD=16, PACK=False, FULL_D=False, BLOCK_N=128, BLOCK_D=16),
+     _SCAN_TYPES),
     # fp32 inputs with D = 8 as fp16 pairs: 24 operand dims, packed.
     ("_scan_kernel", dict(METRIC=0, K_SEL=1, DOT_DTYPE=tl.float16, PRECISION="ieee", LANES_=64,
-                          CAND=16, D_PAD=32, PACK=True, BLOCK_N=64, BLOCK_D=32), _SCAN_TYPES),
+                          CAND=16, D_PAD=32, PACK=True, FULL_D=True, BLOCK_N=64, BLOCK_D=32),
+     _SCAN_TYPES),
     ("_scan_kernel", dict(METRIC=2, K_SEL=4, DOT_DTYPE=tl.bfloat16, PRECISION="ieee", LANES_=64,
-                          CAND=16, D_PAD=256, PACK=False, BLOCK_N=64, BLOCK_D=256), _BF16_TYPES),
+                          CAND=16, D_PAD=256, PACK=False, FULL_D=True, BLOCK_N=64, BLOCK_D=256),
+     _BF16_TYPES),
     ("_scan_kernel", dict(METRIC=0, K_SEL=20, DOT_DTYPE=tl.float16, PRECISION="ieee",
-                          LANES_=128, CAND=64, D_PAD=1024, PACK=False, BLOCK_N=64, BLOCK_D=64),
+                          LANES_=128, CAND=64, D_PAD=1024, PACK=False, FULL_D=False, BLOCK_N=64,
+                          BLOCK_D=64),
      _SCAN_TYPES),
 ]
