@@ -195,11 +195,29 @@ def test_distill_opcheck_and_empty(device):
     s, t, c = (torch.randn(n, 8, device=device) for n in (10, 10, 20))
     torch.library.opcheck(torch.ops.gtkernels.code_distill_loss.default, (s, t, c, 0.5, "l2"))
     kl, stats = torch.ops.gtkernels.code_distill_loss(s, t, c, 0.5, "l2")
-    torch.library.opcheck(torch.ops.gtkernels.code_distill_loss_backward.default,
-                          (torch.randn_like(kl), s, t, c, stats, 0.5, "l2"))
+    for mask in ([True, True, True], [True, False, True], [False, True, False]):
+        torch.library.opcheck(torch.ops.gtkernels.code_distill_loss_backward.default,
+                              (torch.randn_like(kl), s, t, c, stats, 0.5, "l2", mask))
     empty = torch.randn(0, 8, device=device, requires_grad=True)
     loss = gk.code_distill_loss(empty, empty, c)
     assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_distill_teacher_without_grad(device):
+    """A frozen teacher gets no gradient (not computed) and leaves the others unchanged."""
+    s, t, c = (torch.randn(n, 16, device=device) for n in (40, 40, 33))
+    frozen = [s.clone().requires_grad_(), t, c.clone().requires_grad_()]
+    gk.code_distill_loss(*frozen, temperature=0.5).backward()
+    assert t.grad is None
+    inputs = [v.clone().requires_grad_() for v in (s, t, c)]
+    grads = torch.autograd.grad(gk.code_distill_loss(*inputs, temperature=0.5), inputs)
+    torch.testing.assert_close(frozen[0].grad, grads[0])
+    torch.testing.assert_close(frozen[2].grad, grads[2])
+    kl, stats = torch.ops.gtkernels.code_distill_loss(s, t, c, 0.5, "l2")
+    only_codebook = torch.ops.gtkernels.code_distill_loss_backward(
+        torch.ones_like(kl), s, t, c, stats, 0.5, "l2", [False, False, True])
+    assert [tuple(g.shape) for g in only_codebook] == [(0,), (0,), tuple(c.shape)]
 
 
 def test_distill_compiles_without_graph_break():
@@ -335,10 +353,11 @@ def test_triton_distill(metric, split_rows, monkeypatch):
                                                           c.cpu().double(), 0.7, metric)
     torch.testing.assert_close(kl.cpu().double(), kl64, rtol=1e-4, atol=1e-4)
     grad = torch.randn(37, device=device)
-    got = code_distill.code_distill_loss_backward(grad, s, t, c, stats, 0.7, metric)
+    got = code_distill.code_distill_loss_backward(grad, s, t, c, stats, 0.7, metric,
+                                                  [True, True, True])
     want = torch.ops.gtkernels.code_distill_loss_backward(
         grad.cpu().double(), s.cpu().double(), t.cpu().double(), c.cpu().double(), stats64, 0.7,
-        metric)
+        metric, [True, True, True])
     for g, w in zip(got, want):
         torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-4)
 

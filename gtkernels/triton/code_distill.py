@@ -221,7 +221,14 @@ def code_distill_loss(student, teacher, codebook, temperature, metric):
 
 
 def code_distill_loss_backward(grad_row_kl, student, teacher, codebook, stats, temperature,
-                               metric):
+                               metric, output_mask):
+    """-> (grad_student [N, D], grad_teacher [N, D], grad_codebook [K, D]); those that
+    output_mask leaves out are returned as empty [0] tensors."""
+    grads = _all_grads(grad_row_kl, student, teacher, codebook, stats, temperature, metric)
+    return tuple(g if need else g.new_empty(0) for g, need in zip(grads, output_mask))
+
+
+def _all_grads(grad_row_kl, student, teacher, codebook, stats, temperature, metric):
     s, t, c = student.contiguous(), teacher.contiguous(), codebook.contiguous()
     num_rows, dim = s.shape
     num_codes = c.shape[0]
