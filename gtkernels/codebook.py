@@ -119,7 +119,9 @@ def code_distill_loss(student: torch.Tensor, teacher: torch.Tensor, codebook: to
         only for the inputs that require grad: a frozen teacher's is never computed).
 
     Precision: logits, logsumexps and sums in fp32 (float64 for float64 inputs); memory
-    O(N + K + (N + K) D). ``"cosine"`` normalises the inputs in torch and runs ``"ip"``.
+    O(N + K + (N + K) D), plus at most 512 MiB of fp32 partial sums in the GPU backward (more
+    only where fewer than 128 programs would remain). ``"cosine"`` normalises the inputs in
+    torch and runs ``"ip"``.
 
     Example::
 
