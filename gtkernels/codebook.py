@@ -115,10 +115,13 @@ def code_distill_loss(student: torch.Tensor, teacher: torch.Tensor, codebook: to
     Returns:
         A scalar of the inputs' dtype:
         ``mean_n KL(softmax_j(-d(teacher_n, c_j) / T) || softmax_j(-d(student_n, c_j) / T))``,
-        differentiable w.r.t. student, teacher and codebook (deterministic gradients).
+        differentiable w.r.t. student, teacher and codebook (deterministic gradients, computed
+        only for the inputs that require grad: a frozen teacher's is never computed).
 
     Precision: logits, logsumexps and sums in fp32 (float64 for float64 inputs); memory
-    O(N + K + (N + K) D). ``"cosine"`` normalises the inputs in torch and runs ``"ip"``.
+    O(N + K + (N + K) D), plus at most 512 MiB of fp32 partial sums in the GPU backward (more
+    only where fewer than 128 programs would remain). ``"cosine"`` normalises the inputs in
+    torch and runs ``"ip"``.
 
     Example::
 
@@ -166,9 +169,10 @@ def _distill_setup(ctx, inputs, output):
 
 def _distill_backward(ctx, grad_row_kl, grad_stats):
     student, teacher, codebook, stats = ctx.saved_tensors
+    needed = list(ctx.needs_input_grad[:3])  # e.g. a frozen teacher: its gradient is skipped
     grads = torch.ops.gtkernels.code_distill_loss_backward(
-        grad_row_kl, student, teacher, codebook, stats, ctx.temperature, ctx.metric)
-    return (*grads, None, None)
+        grad_row_kl, student, teacher, codebook, stats, ctx.temperature, ctx.metric, needed)
+    return (*(g if need else None for g, need in zip(grads, needed)), None, None)
 
 
 torch.library.register_autograd("gtkernels::code_distill_loss", _distill_backward,
@@ -176,8 +180,10 @@ torch.library.register_autograd("gtkernels::code_distill_loss", _distill_backwar
 
 
 @torch.library.register_fake("gtkernels::code_distill_loss_backward")
-def _distill_backward_fake(grad_row_kl, student, teacher, codebook, stats, temperature, metric):
-    return torch.empty_like(student), torch.empty_like(teacher), torch.empty_like(codebook)
+def _distill_backward_fake(grad_row_kl, student, teacher, codebook, stats, temperature, metric,
+                           output_mask):
+    return tuple(torch.empty_like(x) if need else x.new_empty(0)
+                 for x, need in zip((student, teacher, codebook), output_mask))
 
 
 if HAS_TRITON:

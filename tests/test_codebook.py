@@ -195,11 +195,29 @@ def test_distill_opcheck_and_empty(device):
     s, t, c = (torch.randn(n, 8, device=device) for n in (10, 10, 20))
     torch.library.opcheck(torch.ops.gtkernels.code_distill_loss.default, (s, t, c, 0.5, "l2"))
     kl, stats = torch.ops.gtkernels.code_distill_loss(s, t, c, 0.5, "l2")
-    torch.library.opcheck(torch.ops.gtkernels.code_distill_loss_backward.default,
-                          (torch.randn_like(kl), s, t, c, stats, 0.5, "l2"))
+    for mask in ([True, True, True], [True, False, True], [False, True, False]):
+        torch.library.opcheck(torch.ops.gtkernels.code_distill_loss_backward.default,
+                              (torch.randn_like(kl), s, t, c, stats, 0.5, "l2", mask))
     empty = torch.randn(0, 8, device=device, requires_grad=True)
     loss = gk.code_distill_loss(empty, empty, c)
     assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_distill_teacher_without_grad(device):
+    """A frozen teacher gets no gradient (not computed) and leaves the others unchanged."""
+    s, t, c = (torch.randn(n, 16, device=device) for n in (40, 40, 33))
+    frozen = [s.clone().requires_grad_(), t, c.clone().requires_grad_()]
+    gk.code_distill_loss(*frozen, temperature=0.5).backward()
+    assert t.grad is None
+    inputs = [v.clone().requires_grad_() for v in (s, t, c)]
+    grads = torch.autograd.grad(gk.code_distill_loss(*inputs, temperature=0.5), inputs)
+    torch.testing.assert_close(frozen[0].grad, grads[0])
+    torch.testing.assert_close(frozen[2].grad, grads[2])
+    kl, stats = torch.ops.gtkernels.code_distill_loss(s, t, c, 0.5, "l2")
+    only_codebook = torch.ops.gtkernels.code_distill_loss_backward(
+        torch.ones_like(kl), s, t, c, stats, 0.5, "l2", [False, False, True])
+    assert [tuple(g.shape) for g in only_codebook] == [(0,), (0,), tuple(c.shape)]
 
 
 def test_distill_compiles_without_graph_break():
@@ -323,11 +341,17 @@ def test_triton_search_backward(metric):
 
 
 @needs_triton
-@pytest.mark.parametrize("metric,split_rows", [("l2", 4096), ("ip", 4096), ("l2", 16)])
-def test_triton_distill(metric, split_rows, monkeypatch):
+@pytest.mark.parametrize("metric,row_chunk,code_chunk", [
+    ("l2", 1024, 2048),  # one program, 3 row blocks (16 in the interpreter)
+    ("ip", 1024, 2048),
+    ("l2", 32, 32),      # 2 x 2 programs, last chunks partial (5 rows, 18 codes)
+    ("ip", 24, 16)])     # chunks that are not whole blocks: 2 x 4 programs
+@pytest.mark.parametrize("mask", [(True, True, True), (True, False, True), (False, True, False)])
+def test_triton_distill(metric, row_chunk, code_chunk, mask, monkeypatch):
     from gtkernels.triton import code_distill
 
-    monkeypatch.setattr(code_distill, "SPLIT_ROWS", split_rows)  # 16: three row splits
+    monkeypatch.setattr(code_distill, "ROW_CHUNK", row_chunk)
+    monkeypatch.setattr(code_distill, "CODE_CHUNK", code_chunk)
     device = triton_device()
     s, t, c = (torch.randn(n, 12, device=device) for n in (37, 37, 50))
     kl, stats = code_distill.code_distill_loss(s, t, c, 0.7, metric)
@@ -335,12 +359,38 @@ def test_triton_distill(metric, split_rows, monkeypatch):
                                                           c.cpu().double(), 0.7, metric)
     torch.testing.assert_close(kl.cpu().double(), kl64, rtol=1e-4, atol=1e-4)
     grad = torch.randn(37, device=device)
-    got = code_distill.code_distill_loss_backward(grad, s, t, c, stats, 0.7, metric)
+    got = code_distill.code_distill_loss_backward(grad, s, t, c, stats, 0.7, metric, list(mask))
     want = torch.ops.gtkernels.code_distill_loss_backward(
         grad.cpu().double(), s.cpu().double(), t.cpu().double(), c.cpu().double(), stats64, 0.7,
-        metric)
+        metric, list(mask))
     for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and g.shape == w.shape
         torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-4)
+    again = code_distill.code_distill_loss_backward(grad, s, t, c, stats, 0.7, metric, list(mask))
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_triton_distill_chunks(monkeypatch):
+    """The bench case gets 512 programs and 388 MiB of partials; the bound holds elsewhere."""
+    from gtkernels.triton import code_distill
+
+    def cost(n, k, d, row_grads):  # (programs, partial bytes)
+        rows, codes = code_distill._chunks(n, k, d, row_grads, True)
+        row_chunks, code_chunks = -(-n // rows), -(-k // codes)
+        return (row_chunks * code_chunks,
+                4 * (d * n * row_grads * code_chunks + (d + 1) * k * row_chunks))
+
+    assert code_distill._chunks(65536, 16384, 64, 1, True) == (1024, 2048)
+    assert cost(65536, 16384, 64, 1) == (512, 388 << 20)
+    assert cost(65536, 16384, 64, 2) == (256, 386 << 20)
+    assert code_distill._chunks(3000, 2000, 64, 1, True) == (128, 128)
+    for n, k, d, row_grads in [(1 << 20, 16384, 256, 1), (1000, 1 << 20, 128, 2),
+                               (3000, 2000, 64, 1), (100, 50, 8, 2)]:
+        programs, partial_bytes = cost(n, k, d, row_grads)
+        assert partial_bytes <= code_distill.PARTIAL_BYTES or programs <= 128
+    monkeypatch.setattr(code_distill, "PARTIAL_BYTES", 0)  # as few programs as allowed
+    assert 64 < cost(3000, 2000, 64, 2)[0] <= 128
 
 
 # --- GPU: larger sizes against float64 -----------------------------------------------------

@@ -21,9 +21,10 @@ TORCH_LIBRARY_FRAGMENT(gtkernels, m) {
       "code_distill_loss(Tensor student, Tensor teacher, Tensor codebook, float temperature,"
       " str metric) -> (Tensor, Tensor)");
   // -> (grad_student [N, D], grad_teacher [N, D], grad_codebook [K, D]) for upstream
-  // grad_row_kl [N].
+  // grad_row_kl [N]; output_mask (student, teacher, codebook) says which are computed: an
+  // unrequested gradient is returned as an empty tensor of shape [0].
   m.def(
       "code_distill_loss_backward(Tensor grad_row_kl, Tensor student, Tensor teacher,"
-      " Tensor codebook, Tensor row_stats, float temperature, str metric)"
+      " Tensor codebook, Tensor row_stats, float temperature, str metric, bool[3] output_mask)"
       " -> (Tensor, Tensor, Tensor)");
 }

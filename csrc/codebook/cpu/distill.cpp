@@ -4,12 +4,14 @@
 // b likewise for the student ("l2": alpha = 2, beta = 1, i.e. -||x - c||^2 / T up to a per-row
 // constant; "ip": alpha = 1, beta = 0). KL_n = E_p[a - b] - lse(a) + lse(b), p = softmax(a).
 // Gradients: dKL/da = p (a - b - E_p[a - b]), dKL/db = q - p, q = softmax(b); both sum to 0
-// over j, so the per-row constant of l2 drops out of grad_student and grad_teacher.
+// over j, so the per-row constant of l2 drops out of grad_student and grad_teacher. The
+// backward computes only the gradients that output_mask asks for (the others are empty [0]).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -117,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> code_distill_loss_cpu(const at::Tensor& stude
 std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distill_loss_backward_cpu(
     const at::Tensor& grad_row_kl, const at::Tensor& student_in, const at::Tensor& teacher_in,
     const at::Tensor& codebook_in, const at::Tensor& row_stats, double temperature,
-    c10::string_view metric) {
+    c10::string_view metric, std::array<bool, 3> output_mask) {
   const LogitScale ls = logit_scale(metric, temperature);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain tensor math, no autograd
   const at::Tensor s = student_in.contiguous(), t = teacher_in.contiguous();
@@ -126,14 +128,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distill_loss_backward_cpu(
   const auto acc_dtype = at::toOpMathType(s.scalar_type());
   const at::Tensor grad = grad_row_kl.to(acc_dtype).contiguous();
   const at::Tensor stats = row_stats.to(acc_dtype).contiguous();
-  at::Tensor grad_s = at::empty_like(s), grad_t = at::empty_like(t), grad_c = at::empty_like(c);
+  const bool need_s = output_mask[0], need_t = output_mask[1], need_c = output_mask[2];
+  auto grad_like = [](bool needed, const at::Tensor& input) {
+    return needed ? at::empty_like(input) : at::empty({0}, input.options());
+  };
+  at::Tensor grad_s = grad_like(need_s, s), grad_t = grad_like(need_t, t);
+  at::Tensor grad_c = grad_like(need_c, c);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "code_distill_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *sp = s.data_ptr<scalar_t>(), *tp = t.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>();
     const acc_t *gp = grad.data_ptr<acc_t>(), *stp = stats.data_ptr<acc_t>();
     const auto norms = code_sq_norms<scalar_t, acc_t>(cp, num_codes, dim);
     scalar_t *gsp = grad_s.data_ptr<scalar_t>(), *gtp = grad_t.data_ptr<scalar_t>();
-    scalar_t* gcp = grad_c.data_ptr<scalar_t>();
+    scalar_t* gcp = grad_c.data_ptr<scalar_t>();  // those not needed are never touched
     // (dKL/da, dKL/db) of row n and code j, times the row's upstream gradient.
     auto logit_grads = [&](int64_t n, int64_t j) {
       const scalar_t* cj = cp + j * dim;
@@ -143,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distill_loss_backward_cpu(
       return std::make_pair(gp[n] * p * (a - b - stp[n * 3 + 2]), gp[n] * (q - p));
     };
     const acc_t row_scale = ls.alpha * ls.inv_t;
-    at::parallel_for(0, num_rows, 1, [&](int64_t begin, int64_t end) {
+    if (need_s || need_t) at::parallel_for(0, num_rows, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc_t_row(dim), acc_s_row(dim);
       for (int64_t n = begin; n < end; ++n) {
         std::fill(acc_t_row.begin(), acc_t_row.end(), acc_t(0));
@@ -152,17 +159,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distill_loss_backward_cpu(
           const auto [ga, gb] = logit_grads(n, j);
           for (int64_t i = 0; i < dim; ++i) {
             const acc_t ci = static_cast<acc_t>(cp[j * dim + i]);
-            acc_t_row[i] += ga * ci;
-            acc_s_row[i] += gb * ci;
+            if (need_t) acc_t_row[i] += ga * ci;
+            if (need_s) acc_s_row[i] += gb * ci;
           }
         }
         for (int64_t i = 0; i < dim; ++i) {
-          gtp[n * dim + i] = static_cast<scalar_t>(row_scale * acc_t_row[i]);
-          gsp[n * dim + i] = static_cast<scalar_t>(row_scale * acc_s_row[i]);
+          if (need_t) gtp[n * dim + i] = static_cast<scalar_t>(row_scale * acc_t_row[i]);
+          if (need_s) gsp[n * dim + i] = static_cast<scalar_t>(row_scale * acc_s_row[i]);
         }
       }
     });
-    at::parallel_for(0, num_codes, 1, [&](int64_t begin, int64_t end) {
+    if (need_c) at::parallel_for(0, num_codes, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(dim);
       for (int64_t j = begin; j < end; ++j) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
