@@ -249,6 +249,50 @@ def test_triton_search(dtype, metric, k, near_ties):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float64])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("num_codes", [77, 300, 1001])
+def test_triton_chunk_search(dtype, metric, num_codes, monkeypatch):
+    """k = 1 with small operands takes the chunk scan (lanes own contiguous chunks): fewer
+    codes than lanes, chunks of 3 and of 8 with a short last lane; near ties put copies of a
+    code in different chunks; two sub-codebooks, strided rows."""
+    from gtkernels.triton import codebook as cbm
+
+    launched, chunk_scan = [], cbm._launch_chunk_scan
+    monkeypatch.setattr(cbm, "_launch_chunk_scan", lambda *a: launched.append(1) or chunk_scan(*a))
+    device = triton_device()
+    x, codebook = near_tie_codebook(40, num_codes, 6, dtype, device)
+    x3 = torch.stack([x, x.flip(0)]).transpose(0, 1)               # [40, 2, 6], strided
+    cb3 = torch.stack([codebook, codebook.flip(0)])
+    dist, idx = cbm.codebook_search(x3, cb3, 1, metric)
+    assert launched
+    assert_search_exact(x3, cb3, 1, metric, dist, idx)
+
+
+@needs_triton
+def test_triton_chunk_search_more_tied_lanes_than_slots(monkeypatch):
+    """20 copies of a code in 20 chunks: more candidate lanes than the 16 slots, so its rows
+    are flagged and the exact scan picks the lowest index."""
+    from gtkernels.triton import codebook as cbm
+
+    flags, rerank = [], cbm.rerank_and_fallback
+
+    def spy(x3, cb3, cand, flag, *rest):
+        flags.append(flag.clone())
+        return rerank(x3, cb3, cand, flag, *rest)
+
+    monkeypatch.setattr(cbm, "rerank_and_fallback", spy)
+    device = triton_device()
+    codebook = torch.randn(1000, 5, device=device)                 # chunks of 8 codes
+    codebook[::50] = codebook[7]
+    x = torch.cat([codebook[7:8] + 1e-3 * torch.randn(6, 5, device=device),
+                   torch.randn(6, 5, device=device)])
+    dist, idx = cbm.codebook_search(x[:, None], codebook[None], 1, "l2")
+    assert int(flags[0][:6].sum()) == 6
+    assert_search_exact(x, codebook, 1, "l2", dist[:, 0], idx[:, 0])
+
+
+@needs_triton
 def test_triton_search_large_k():
     from gtkernels.triton.codebook import codebook_search
 

@@ -111,6 +111,34 @@ def _scan_tile(best, best_idx, runner_up, x_tile, x_rows, row_mask, c_base, nter
 
 
 @triton.jit
+def _kth_lowest(best, lanes, K_SEL: tl.constexpr, LANES_: tl.constexpr):
+    """Per row the k-th smallest of best [BLOCK_N, LANES]: the smallest taken out k - 1
+    times (once per row block, not per code)."""
+    remaining = best
+    for _ in tl.static_range(K_SEL - 1):
+        low = tl.min(remaining, axis=1)
+        first = tl.min(tl.where(remaining == low[:, None], lanes[None, :], LANES_), axis=1)
+        remaining = tl.where(lanes[None, :] == first[:, None], float("inf"), remaining)
+    return tl.min(remaining, axis=1)
+
+
+@triton.jit
+def _store_candidates(best, ids, threshold, rows, row_mask, out, CAND: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Writes ids [BLOCK_N, LANES] of the lanes whose best <= threshold [BLOCK_N], compacted
+    in lane order into CAND slots per row at out [BLOCK_N] pointers (-1 = empty slot), and
+    returns their count per row (more than CAND: the row must be flagged)."""
+    is_cand = best <= threshold[:, None]
+    slot = tl.cumsum(is_cand.to(tl.int32), axis=1) - 1
+    count = tl.sum(is_cand.to(tl.int32), axis=1)
+    tl.store(out[:, None] + slot, ids, mask=row_mask[:, None] & is_cand & (slot < CAND))
+    slots = tl.arange(0, CAND)
+    tl.store(out[:, None] + slots[None, :], tl.full([BLOCK_N, CAND], -1, dtype=tl.int32),
+             mask=row_mask[:, None] & (slots[None, :] >= count[:, None]))
+    return count
+
+
+@triton.jit
 def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, bias_ptr, eps_ptr, cand_ptr, flag_ptr,
                  N, G, K, D, sxn, sxg, sxd, scg, sck, scd,
                  METRIC: tl.constexpr, K_SEL: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -160,12 +188,7 @@ def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, bias_ptr, eps_ptr, cand_pt
     if PACK:
         best_idx = (best.to(tl.int32, bitcast=True) & ~keep_bits) * LANES_ + lanes[None, :]
     # k-th smallest lane best: take the smallest out k - 1 times (once per row block).
-    remaining = best
-    for _ in tl.static_range(K_SEL - 1):
-        low = tl.min(remaining, axis=1)
-        first = tl.min(tl.where(remaining == low[:, None], lanes[None, :], LANES_), axis=1)
-        remaining = tl.where(lanes[None, :] == first[:, None], float("inf"), remaining)
-    kth = tl.min(remaining, axis=1)
+    kth = _kth_lowest(best, lanes, K_SEL, LANES_)
     eps = tl.load(eps_ptr + rows * G + g, mask=row_mask, other=0.0)
     if PACK:  # a packed score errs by < 2**tile_bits units in its last place
         lowest = tl.min(best, axis=1)
@@ -175,18 +198,50 @@ def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, bias_ptr, eps_ptr, cand_pt
     threshold += 4.0 * UNIT_K * tl.abs(threshold)
     # Compact the candidate lanes into CAND slots per row (-1 = empty); more than CAND
     # candidates also sends the row to the exact fallback.
-    is_cand = best <= threshold[:, None]
-    slot = tl.cumsum(is_cand.to(tl.int32), axis=1) - 1
-    count = tl.sum(is_cand.to(tl.int32), axis=1)
-    out = cand_ptr + (rows.to(tl.int64) * G + g) * CAND
-    tl.store(out[:, None] + slot, best_idx, mask=row_mask[:, None] & is_cand & (slot < CAND))
-    slots = tl.arange(0, CAND)
-    tl.store(out[:, None] + slots[None, :], tl.full([BLOCK_N, CAND], -1, dtype=tl.int32),
-             mask=row_mask[:, None] & (slots[None, :] >= count[:, None]))
+    count = _store_candidates(best, best_idx, threshold, rows, row_mask,
+                              cand_ptr + (rows.to(tl.int64) * G + g) * CAND, CAND, BLOCK_N)
     # The runner-up's two roundings err by at most 4 u max(|lowest|, |threshold|).
     runner_slack = 4.0 * UNIT_K * tl.maximum(tl.abs(tl.min(best, axis=1)), tl.abs(threshold))
     flag = (tl.min(runner_up, axis=1) <= threshold + runner_slack) | (count > CAND)
     tl.store(flag_ptr + rows * G + g, flag.to(tl.int8), mask=row_mask)
+
+
+@triton.jit
+def _chunk_scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, eps_ptr, cand_ptr, flag_ptr,
+                       N, G, D, num_tiles, sxn, sxg, sxd,
+                       DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, LANES_: tl.constexpr,
+                       CAND: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The k = 1 scan of small operands (padded D <= CHUNK_MAX_DIM): lane j owns a
+    contiguous chunk of codes, j * num_tiles ... (j + 1) * num_tiles - 1, and keeps only its
+    lowest score: one fma and one min per code. c_ptr holds the codes tile-major
+    [G, num_tiles, LANES, D_PAD] and nterm_ptr their score terms [G, num_tiles, LANES]
+    (``_chunk_layout``: zeros and +inf past K, so no tile needs a mask). The lanes whose
+    lowest score is within the row's lowest + 2 eps hold every code that can be the nearest;
+    their numbers go to cand_ptr, and codebook_exact.py walks their chunks in float64."""
+    g = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    lanes = tl.arange(0, LANES_)
+    dk = tl.arange(0, D_PAD)
+    x_rows = x_ptr + g.to(tl.int64) * sxg + rows[:, None].to(tl.int64) * sxn
+    x_tile = tl.load(x_rows + dk[None, :] * sxd, mask=row_mask[:, None] & (dk[None, :] < D),
+                     other=0.0).to(DOT_DTYPE)
+    neg_factor = -tl.load(factor_ptr + rows * G + g, mask=row_mask, other=0.0)[:, None]
+    tile = c_ptr + g.to(tl.int64) * num_tiles * LANES_ * D_PAD + lanes[None, :] * D_PAD + dk[:, None]
+    terms = nterm_ptr + g.to(tl.int64) * num_tiles * LANES_ + lanes
+    best = tl.full([BLOCK_N, LANES_], float("inf"), dtype=tl.float32)
+    for _ in range(num_tiles):
+        acc = tl.dot(x_tile, tl.load(tile).to(DOT_DTYPE), input_precision=PRECISION)
+        best = tl.minimum(best, tl.load(terms)[None, :] + acc * neg_factor)
+        tile += LANES_ * D_PAD
+        terms += LANES_
+    eps = tl.load(eps_ptr + rows * G + g, mask=row_mask, other=0.0)
+    threshold = tl.min(best, axis=1) + 2.0 * eps
+    threshold += 4.0 * UNIT_K * tl.abs(threshold)
+    count = _store_candidates(best, tl.broadcast_to(lanes[None, :], [BLOCK_N, LANES_]),
+                              threshold, rows, row_mask, cand_ptr + (rows.to(tl.int64) * G + g) * CAND,
+                              CAND, BLOCK_N)
+    tl.store(flag_ptr + rows * G + g, (count > CAND).to(tl.int8), mask=row_mask)
 
 
 def _prune_scan_configs(configs, named_args, **kwargs):
@@ -212,6 +267,31 @@ _scan_kernel_tuned = autotune(
     key=["D", "METRIC", "K_SEL", "DOT_DTYPE", "PACK"],
     prune_configs_by={"early_config_prune": _prune_scan_configs},
 )(_scan_kernel)
+
+# The chunk scan keeps one value per lane: (rows, warps) with at most 64 per thread.
+_chunk_scan_kernel_tuned = autotune(
+    configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+             for bn, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for st in (3, 4)],
+    key=["D", "DOT_DTYPE"],
+)(_chunk_scan_kernel)
+CHUNK_LANES = 128     # lanes (= chunks) of the chunk scan
+CHUNK_MAX_DIM = 32    # its largest padded operand width (bf16 / fp16 D <= 32, fp32 D <= 10)
+
+
+def _chunk_layout(cs, nterm, d_pad):
+    """The chunk scan's tile-major copies of the codes cs [G, K, D'] and their score terms
+    nterm [G, K]: codes [G, tiles, LANES, d_pad] where tile t, lane j holds code
+    j * tiles + t (zeros past K and past D'), terms [G, tiles, LANES] (+inf past K), with
+    tiles = ceil(K / LANES). Returns them and tiles (the chunk length)."""
+    num_groups, num_codes, op_dim = cs.shape
+    tiles = triton.cdiv(num_codes, CHUNK_LANES)
+    codes = cs.new_zeros((num_groups, CHUNK_LANES * tiles, d_pad))
+    codes[:, :num_codes, :op_dim] = cs
+    terms = nterm.new_full((num_groups, CHUNK_LANES * tiles), float("inf"))
+    terms[:, :num_codes] = nterm
+    codes = codes.view(num_groups, CHUNK_LANES, tiles, d_pad).transpose(1, 2).contiguous()
+    terms = terms.view(num_groups, CHUNK_LANES, tiles).transpose(1, 2).contiguous()
+    return codes, terms, tiles
 
 
 def score_bound(x3, x_sq, norms, metric, op_dim, x_err=None, c_err=None):
@@ -306,6 +386,43 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
     eps = score_bound(x3, x_sq, norms, metric, op_dim, x_err, c_err)
     factor = (2 * scale if metric == "l2" else scale).contiguous()
     d_pad = max(16, triton.next_power_of_2(op_dim))
+    cand_slots = min(128, max(16, 2 * triton.next_power_of_2(k)))
+    cand = torch.empty((num_rows, num_groups, cand_slots), device=x3.device, dtype=torch.int32)
+    flag = torch.empty((num_rows, num_groups), device=x3.device, dtype=torch.int8)
+    metric_id = METRIC_IDS[metric]
+    chunk = 0
+    if k == 1 and metric != "cosine" and d_pad <= CHUNK_MAX_DIM:
+        terms = nterm if metric == "l2" else torch.zeros_like(nterm)
+        chunk = _launch_chunk_scan(xs, cs, terms, factor, eps, cand, flag, d_pad)
+    else:
+        _launch_scan(x3, xs, cs, x_sq, nterm, factor, eps, cand, flag, metric, k, d_pad)
+    rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id,
+                        (*x3.stride(), *cb3.stride()), chunk)
+    return dist, idx
+
+
+def _launch_chunk_scan(xs, cs, terms, factor, eps, cand, flag, d_pad):
+    """k = 1, padded D <= CHUNK_MAX_DIM, l2 or ip: ``_chunk_scan_kernel`` writes the
+    candidate lanes (chunks) to cand and flags; returns the chunk length."""
+    num_rows, num_groups, op_dim = xs.shape
+    codes, terms, tiles = _chunk_layout(cs, terms, d_pad)
+    args = (xs, codes, terms, factor, eps, cand, flag, num_rows, num_groups, op_dim, tiles,
+            *xs.stride())
+    options = dict(DOT_DTYPE=_dot_dtype(xs.dtype), PRECISION="ieee", LANES_=CHUNK_LANES,
+                   CAND=cand.shape[-1], D_PAD=d_pad)
+    if interpreting():
+        _chunk_scan_kernel[(triton.cdiv(num_rows, 16), num_groups)](*args, **options,
+                                                                    BLOCK_N=16)
+    else:
+        grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]), num_groups)  # noqa: E731
+        _chunk_scan_kernel_tuned[grid](*args, **options)
+    return tiles
+
+
+def _launch_scan(x3, xs, cs, x_sq, nterm, factor, eps, cand, flag, metric, k, d_pad):
+    """Every other search: ``_scan_kernel`` (lanes interleaved, best, index and runner-up
+    per lane) writes candidate codes to cand and flags."""
+    num_rows, num_groups, op_dim = xs.shape
     # Packed scores (the tile number in the low bits: one min per code for best and index)
     # where the spare dimension can carry the bias that keeps them small: l2, D < padded D,
     # and x in registers (padded D <= 64; the interpreter's BLOCK_D is 16).
@@ -316,14 +433,10 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
         cs = _padded_codes(cs, d_pad, bias_code)
     # Lanes (= codes per tile, each with its best in registers): the autotuner picks 32, 64
     # or 128, always 128 for k > 16 (fewer lane collisions, so fewer exact-fallback rows).
-    cand_slots = min(128, max(16, 2 * triton.next_power_of_2(k)))
-    cand = torch.empty((num_rows, num_groups, cand_slots), device=x3.device, dtype=torch.int32)
-    flag = torch.empty((num_rows, num_groups), device=x3.device, dtype=torch.int8)
-    metric_id = METRIC_IDS[metric]
     args = (xs, cs, nterm.contiguous(), factor, bias, eps, cand, flag, num_rows, num_groups,
-            num_codes, op_dim, *xs.stride(), *cs.stride())
-    options = dict(METRIC=metric_id, K_SEL=k, DOT_DTYPE=_dot_dtype(xs.dtype),
-                   CAND=cand_slots, D_PAD=d_pad, PACK=pack, FULL_D=pack or op_dim == d_pad)
+            cs.shape[1], op_dim, *xs.stride(), *cs.stride())
+    options = dict(METRIC=METRIC_IDS[metric], K_SEL=k, DOT_DTYPE=_dot_dtype(xs.dtype),
+                   CAND=cand.shape[-1], D_PAD=d_pad, PACK=pack, FULL_D=pack or op_dim == d_pad)
     if interpreting():  # one small configuration: the interpreter is slow
         _scan_kernel[(triton.cdiv(num_rows, 16), num_groups)](
             *args, **options, PRECISION="ieee", BLOCK_N=16, BLOCK_D=16,
@@ -331,9 +444,6 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
     else:
         grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]), num_groups)  # noqa: E731
         _scan_kernel_tuned[grid](*args, **options, PRECISION="ieee")
-    rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id,
-                        (*x3.stride(), *cb3.stride()))
-    return dist, idx
 
 
 # Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed).
@@ -358,4 +468,9 @@ COMPILE_CASES = [
                           LANES_=128, CAND=64, D_PAD=1024, PACK=False, FULL_D=False, BLOCK_N=64,
                           BLOCK_D=64),
      _SCAN_TYPES),
+    ("_chunk_scan_kernel", dict(DOT_DTYPE=tl.bfloat16, PRECISION="ieee", LANES_=128, CAND=16,
+                                D_PAD=16, BLOCK_N=32), _BF16_TYPES),
+    # fp32 inputs with D = 8 as fp16 pairs: 24 operand dims in 32.
+    ("_chunk_scan_kernel", dict(DOT_DTYPE=tl.float16, PRECISION="ieee", LANES_=128, CAND=16,
+                                D_PAD=32, BLOCK_N=64), _SCAN_TYPES),
 ]

@@ -2,6 +2,8 @@
 
 - ``_rerank_kernel``: float64 distances of a row's candidate codes, the k smallest (ties to
   the lowest index), ROWS rows per program. Rows the scan flagged are skipped.
+- ``_chunk_exact_kernel``: the same for the chunk scan (k = 1), whose candidates are lanes:
+  the row's nearest code in float64 over the chunks of codes those lanes own.
 - Flagged rows take an exact float64 scan of all codes, split over the codebook so that a
   few flagged rows do not serialise on one program each: ``flagged_rows`` lists them on the
   device (no host synchronisation), ``_split_topk_kernel`` has a fixed set of programs walk
@@ -29,6 +31,7 @@ _COSINE_EPS_K = tl.constexpr(COSINE_EPS)  # the same, readable inside kernels
 SPLIT_CODES = 512           # codes per chunk of a flagged row's exact scan (at least)
 SPLIT_ROWS = 8              # flagged rows that share each code tile of a large codebook
 PARTIALS_BYTES = 64 << 20   # bound on the chunk results kept for the merge
+CHUNK_ROWS = 4              # rows per program of the chunk re-rank (each its own chunks)
 
 
 @triton.jit
@@ -85,6 +88,42 @@ def _rerank_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, dist_ptr, idx_ptr,
         tl.store(dist_ptr + rows * K_SEL + t, m, mask=live)
         tl.store(idx_ptr + rows * K_SEL + t, j.to(tl.int64), mask=live)
         d = tl.where(codes == j[:, None], float("inf"), d)
+
+
+@triton.jit
+def _chunk_exact_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, dist_ptr, idx_ptr,
+                        NG, G, K, D, chunk, sxn, sxg, sxd, scg, sck, scd,
+                        METRIC: tl.constexpr, CAND: tl.constexpr, ROWS: tl.constexpr,
+                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """After the chunk scan (k = 1): a row's nearest code in float64 over the chunks
+    [lane * chunk, min((lane + 1) * chunk, K)) of its candidate lanes (cand [NG, CAND], -1 =
+    empty), ties to the lowest index; ROWS rows per program, each walking its own chunks.
+    Rows the scan flagged are skipped."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # over N * G
+    live = (rows < NG)
+    live = live & (tl.load(flag_ptr + rows, mask=live, other=1) == 0)
+    g = rows % G
+    x_rows = x_ptr + (rows // G) * sxn + g * sxg
+    c_rows = c_ptr + g * scg
+    offs = tl.arange(0, BLOCK)
+    best_d = tl.full([ROWS], float("inf"), dtype=tl.float64)
+    best_j = tl.full([ROWS], K, dtype=tl.int32)
+    for slot in range(CAND):
+        lane = tl.load(cand_ptr + rows * CAND + slot, mask=live, other=-1)
+        lo = tl.maximum(lane, 0) * chunk
+        hi = tl.where(lane >= 0, tl.minimum(lo + chunk, K), lo)
+        for k0 in range(0, tl.max(hi - lo, axis=0), BLOCK):
+            codes = lo[:, None] + k0 + offs[None, :]
+            valid = codes < hi[:, None]
+            d = _exact_distances(x_rows, live, c_rows, codes, valid, D, sxd, sck, scd,
+                                 METRIC, BLOCK_D)
+            m = tl.min(d, axis=1)
+            j = tl.min(tl.where(d == m[:, None], codes, K), axis=1)
+            take = (m < best_d) | ((m == best_d) & (j < best_j))
+            best_d = tl.where(take, m, best_d)
+            best_j = tl.where(take, j, best_j)
+    tl.store(dist_ptr + rows, best_d, mask=live)
+    tl.store(idx_ptr + rows, best_j.to(tl.int64), mask=live)
 
 
 @triton.jit
@@ -191,19 +230,29 @@ def _num_programs(device):
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides):
-    """Fills dist, idx [N, G, k] from the scan's candidates; flagged rows get the exact scan."""
+def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides, chunk=0):
+    """Fills dist, idx [N, G, k] from the scan's candidates: codes, or with chunk > 0 (the
+    chunk scan, k = 1) lanes whose chunks of `chunk` codes hold them; flagged rows get the
+    exact scan."""
     num_rows, num_groups, dim = x3.shape
     num_codes = cb3.shape[1]
     rows = num_rows * num_groups
     cand_slots = cand.shape[-1]
-    # [rows, CAND, BLOCK_D] float64 tiles of 2048 values: no register spills (ptxas, sm_90a).
+    # [rows, CAND or BLOCK, BLOCK_D] float64 tiles of 2048 values: no register spills
+    # (ptxas, sm_90a).
     block_d = min(16, triton.next_power_of_2(dim))
-    rerank_rows = max(1, 128 // cand_slots)
-    _rerank_kernel[(triton.cdiv(rows, rerank_rows),)](
-        x3, cb3, cand, flag, dist, idx, rows, num_groups, num_codes, dim, *strides,
-        METRIC=metric_id, K_SEL=k, CAND=cand_slots, ROWS=rerank_rows, BLOCK_D=block_d,
-        num_warps=4, enable_fp_fusion=False)
+    if chunk:
+        _chunk_exact_kernel[(triton.cdiv(rows, CHUNK_ROWS),)](
+            x3, cb3, cand, flag, dist, idx, rows, num_groups, num_codes, dim, chunk, *strides,
+            METRIC=metric_id, CAND=cand_slots, ROWS=CHUNK_ROWS,
+            BLOCK=2048 // (CHUNK_ROWS * block_d), BLOCK_D=block_d, num_warps=4,
+            enable_fp_fusion=False)
+    else:
+        rerank_rows = max(1, 128 // cand_slots)
+        _rerank_kernel[(triton.cdiv(rows, rerank_rows),)](
+            x3, cb3, cand, flag, dist, idx, rows, num_groups, num_codes, dim, *strides,
+            METRIC=metric_id, K_SEL=k, CAND=cand_slots, ROWS=rerank_rows, BLOCK_D=block_d,
+            num_warps=4, enable_fp_fusion=False)
     order, count = flagged_rows(flag.view(-1))
     # Chunks of SPLIT_CODES codes, fewer where every row's k results per chunk would not fit.
     max_splits = max(1, PARTIALS_BYTES // (16 * k * rows))
@@ -231,6 +280,10 @@ COMPILE_CASES = [
     # Unit strides as the JIT specialises them: the tile layout that fused unevenly (k = 8).
     ("_rerank_kernel", dict(METRIC=0, K_SEL=8, CAND=16, ROWS=8, BLOCK_D=16, sxd=1, scd=1),
      _TYPES, _NO_FMA),
+    ("_chunk_exact_kernel", dict(METRIC=0, CAND=16, ROWS=4, BLOCK=64, BLOCK_D=8), _TYPES,
+     _NO_FMA),
+    ("_chunk_exact_kernel", dict(METRIC=1, CAND=16, ROWS=4, BLOCK=32, BLOCK_D=16), _TYPES,
+     _NO_FMA),
     ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, ROWS=8, BLOCK=16, BLOCK_D=16), _TYPES,
      _NO_FMA),
     ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, ROWS=1, BLOCK=128, BLOCK_D=16), _TYPES,
