@@ -285,11 +285,10 @@ def _chunk_layout(cs, nterm, d_pad):
     tiles = ceil(K / LANES). Returns them and tiles (the chunk length)."""
     num_groups, num_codes, op_dim = cs.shape
     tiles = triton.cdiv(num_codes, CHUNK_LANES)
-    codes = cs.new_zeros((num_groups, CHUNK_LANES * tiles, d_pad))
-    codes[:, :num_codes, :op_dim] = cs
-    terms = nterm.new_full((num_groups, CHUNK_LANES * tiles), float("inf"))
-    terms[:, :num_codes] = nterm
+    spare = CHUNK_LANES * tiles - num_codes
+    codes = torch.nn.functional.pad(cs, (0, d_pad - op_dim, 0, spare))
     codes = codes.view(num_groups, CHUNK_LANES, tiles, d_pad).transpose(1, 2).contiguous()
+    terms = torch.nn.functional.pad(nterm, (0, spare), value=float("inf"))
     terms = terms.view(num_groups, CHUNK_LANES, tiles).transpose(1, 2).contiguous()
     return codes, terms, tiles
 
@@ -390,10 +389,11 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
     cand = torch.empty((num_rows, num_groups, cand_slots), device=x3.device, dtype=torch.int32)
     flag = torch.empty((num_rows, num_groups), device=x3.device, dtype=torch.int8)
     metric_id = METRIC_IDS[metric]
-    chunk = 0
+    chunk = None
     if k == 1 and metric != "cosine" and d_pad <= CHUNK_MAX_DIM:
         terms = nterm if metric == "l2" else torch.zeros_like(nterm)
-        chunk = _launch_chunk_scan(xs, cs, terms, factor, eps, cand, flag, d_pad)
+        length = _launch_chunk_scan(xs, cs, terms, factor, eps, cand, flag, d_pad)
+        chunk = (length, terms, eps)
     else:
         _launch_scan(x3, xs, cs, x_sq, nterm, factor, eps, cand, flag, metric, k, d_pad)
     rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id,

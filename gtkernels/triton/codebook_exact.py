@@ -3,7 +3,8 @@
 - ``_rerank_kernel``: float64 distances of a row's candidate codes, the k smallest (ties to
   the lowest index), ROWS rows per program. Rows the scan flagged are skipped.
 - ``_chunk_exact_kernel``: the same for the chunk scan (k = 1), whose candidates are lanes:
-  the row's nearest code in float64 over the chunks of codes those lanes own.
+  the row's nearest code over the chunks of codes those lanes own (fp32 scores first, float64
+  for the codes within the bound of the lowest).
 - Flagged rows take an exact float64 scan of all codes, split over the codebook so that a
   few flagged rows do not serialise on one program each: ``flagged_rows`` lists them on the
   device (no host synchronisation), ``_split_topk_kernel`` has a fixed set of programs walk
@@ -25,13 +26,14 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from .codebook_operands import UNIT
 
 COSINE_EPS = 1e-8
 _COSINE_EPS_K = tl.constexpr(COSINE_EPS)  # the same, readable inside kernels
+_UNIT_K = tl.constexpr(UNIT)              # fp32 unit roundoff
 SPLIT_CODES = 512           # codes per chunk of a flagged row's exact scan (at least)
 SPLIT_ROWS = 8              # flagged rows that share each code tile of a large codebook
 PARTIALS_BYTES = 64 << 20   # bound on the chunk results kept for the merge
-CHUNK_ROWS = 4              # rows per program of the chunk re-rank (each its own chunks)
 
 
 @triton.jit
@@ -91,39 +93,72 @@ def _rerank_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, dist_ptr, idx_ptr,
 
 
 @triton.jit
-def _chunk_exact_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, dist_ptr, idx_ptr,
-                        NG, G, K, D, chunk, sxn, sxg, sxd, scg, sck, scd,
-                        METRIC: tl.constexpr, CAND: tl.constexpr, ROWS: tl.constexpr,
-                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """After the chunk scan (k = 1): a row's nearest code in float64 over the chunks
-    [lane * chunk, min((lane + 1) * chunk, K)) of its candidate lanes (cand [NG, CAND], -1 =
-    empty), ties to the lowest index; ROWS rows per program, each walking its own chunks.
-    Rows the scan flagged are skipped."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # over N * G
-    live = (rows < NG)
-    live = live & (tl.load(flag_ptr + rows, mask=live, other=1) == 0)
-    g = rows % G
-    x_rows = x_ptr + (rows // G) * sxn + g * sxg
+def _chunk_scores(x, c_rows, terms, codes, valid, D, sck, scd, METRIC: tl.constexpr,
+                  D_PAD: tl.constexpr):
+    """fp32 scores [BLOCK] of codes [BLOCK] for one row x [D_PAD] (fp32): terms - 2 <x, c>
+    (l2; terms = ||c||^2) or terms - <x, c> (ip; terms = 0), +inf where not valid. An fp32
+    dot of D products errs by at most D u sum |x_i c_i|, within the scan's bound eps."""
+    dk = tl.arange(0, D_PAD)
+    cv = tl.load(c_rows + codes[:, None].to(tl.int64) * sck + dk[None, :] * scd,
+                 mask=valid[:, None] & (dk[None, :] < D), other=0.0).to(tl.float32)
+    dot = tl.sum(cv * x[None, :], axis=1)
+    if METRIC == 0:
+        dot = 2.0 * dot
+    return tl.load(terms + codes, mask=valid, other=float("inf")) - dot
+
+
+@triton.jit
+def _chunk_exact_kernel(x_ptr, c_ptr, terms_ptr, eps_ptr, cand_ptr, flag_ptr, dist_ptr,
+                        idx_ptr, G, K, D, chunk, sxn, sxg, sxd, scg, sck, scd,
+                        METRIC: tl.constexpr, CAND: tl.constexpr, BLOCK: tl.constexpr,
+                        D_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """After the chunk scan (k = 1), one row per program: its nearest code over the chunks
+    [lane * chunk, min((lane + 1) * chunk, K)) of its candidate lanes (cand [N G, CAND],
+    compacted, -1 = empty), ties to the lowest index. A first pass takes the lowest fp32
+    score over those codes; within it + 2 eps lie all codes that can be the nearest (eps
+    bounds the fp32 scores too), and a second pass computes float64 distances only for
+    code tiles holding such a code. Flagged rows are skipped."""
+    row = tl.program_id(0).to(tl.int64)  # over N * G
+    g = row % G
+    x_row = x_ptr + (row // G) * sxn + g * sxg
     c_rows = c_ptr + g * scg
+    terms = terms_ptr + g * K
+    dk = tl.arange(0, D_PAD)
+    x = tl.load(x_row + dk * sxd, mask=dk < D, other=0.0).to(tl.float32)
+    live = tl.load(flag_ptr + row) == 0
+    lanes = tl.load(cand_ptr + row * CAND + tl.arange(0, CAND))
+    count = tl.where(live, tl.sum((lanes >= 0).to(tl.int32), axis=0), 0)
     offs = tl.arange(0, BLOCK)
-    best_d = tl.full([ROWS], float("inf"), dtype=tl.float64)
-    best_j = tl.full([ROWS], K, dtype=tl.int32)
-    for slot in range(CAND):
-        lane = tl.load(cand_ptr + rows * CAND + slot, mask=live, other=-1)
-        lo = tl.maximum(lane, 0) * chunk
-        hi = tl.where(lane >= 0, tl.minimum(lo + chunk, K), lo)
-        for k0 in range(0, tl.max(hi - lo, axis=0), BLOCK):
-            codes = lo[:, None] + k0 + offs[None, :]
-            valid = codes < hi[:, None]
-            d = _exact_distances(x_rows, live, c_rows, codes, valid, D, sxd, sck, scd,
-                                 METRIC, BLOCK_D)
-            m = tl.min(d, axis=1)
-            j = tl.min(tl.where(d == m[:, None], codes, K), axis=1)
-            take = (m < best_d) | ((m == best_d) & (j < best_j))
-            best_d = tl.where(take, m, best_d)
-            best_j = tl.where(take, j, best_j)
-    tl.store(dist_ptr + rows, best_d, mask=live)
-    tl.store(idx_ptr + rows, best_j.to(tl.int64), mask=live)
+    low = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+    for slot in range(count):
+        lo = tl.load(cand_ptr + row * CAND + slot) * chunk
+        hi = tl.minimum(lo + chunk, K)
+        for k0 in range(lo, hi, BLOCK):
+            codes = k0 + offs
+            low = tl.minimum(low, _chunk_scores(x, c_rows, terms, codes, codes < hi, D, sck, scd,
+                                                METRIC, D_PAD))
+    threshold = tl.min(low, axis=0) + 2.0 * tl.load(eps_ptr + row)
+    threshold += 4.0 * _UNIT_K * tl.abs(threshold)
+    one = tl.full([1], 0, dtype=tl.int64)  # [1]-shaped row tensors for _exact_distances
+    best_d = tl.full([1], float("inf"), dtype=tl.float64)
+    best_j = tl.full([1], K, dtype=tl.int32)
+    for slot in range(count):
+        lo = tl.load(cand_ptr + row * CAND + slot) * chunk
+        hi = tl.minimum(lo + chunk, K)
+        for k0 in range(lo, hi, BLOCK):
+            codes = k0 + offs
+            near = (codes < hi) & (_chunk_scores(x, c_rows, terms, codes, codes < hi, D, sck,
+                                                 scd, METRIC, D_PAD) <= threshold)
+            if tl.sum(near.to(tl.int32), axis=0) > 0:
+                d = _exact_distances(x_row + one, one == 0, c_rows + one, codes[None, :],
+                                     near[None, :], D, sxd, sck, scd, METRIC, BLOCK_D)
+                m = tl.min(d, axis=1)
+                j = tl.min(tl.where(d == m[:, None], codes[None, :], K), axis=1)
+                take = (m < best_d) | ((m == best_d) & (j < best_j))
+                best_d = tl.where(take, m, best_d)
+                best_j = tl.where(take, j, best_j)
+    tl.store(dist_ptr + row + one, best_d, mask=live)
+    tl.store(idx_ptr + row + one, best_j.to(tl.int64), mask=live)
 
 
 @triton.jit
@@ -230,10 +265,10 @@ def _num_programs(device):
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides, chunk=0):
-    """Fills dist, idx [N, G, k] from the scan's candidates: codes, or with chunk > 0 (the
-    chunk scan, k = 1) lanes whose chunks of `chunk` codes hold them; flagged rows get the
-    exact scan."""
+def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides, chunk=None):
+    """Fills dist, idx [N, G, k] from the scan's candidates; flagged rows get the exact scan.
+    The candidates are codes, or with chunk = (length, terms [G, K], eps [N, G]) from the
+    chunk scan (k = 1) lanes whose chunks of `length` codes hold them."""
     num_rows, num_groups, dim = x3.shape
     num_codes = cb3.shape[1]
     rows = num_rows * num_groups
@@ -241,11 +276,12 @@ def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides, c
     # [rows, CAND or BLOCK, BLOCK_D] float64 tiles of 2048 values: no register spills
     # (ptxas, sm_90a).
     block_d = min(16, triton.next_power_of_2(dim))
-    if chunk:
-        _chunk_exact_kernel[(triton.cdiv(rows, CHUNK_ROWS),)](
-            x3, cb3, cand, flag, dist, idx, rows, num_groups, num_codes, dim, chunk, *strides,
-            METRIC=metric_id, CAND=cand_slots, ROWS=CHUNK_ROWS,
-            BLOCK=2048 // (CHUNK_ROWS * block_d), BLOCK_D=block_d, num_warps=4,
+    if chunk is not None:
+        length, terms, eps = chunk
+        _chunk_exact_kernel[(rows,)](
+            x3, cb3, terms, eps, cand, flag, dist, idx, num_groups, num_codes, dim, length,
+            *strides, METRIC=metric_id, CAND=cand_slots, BLOCK=2048 // block_d,
+            D_PAD=triton.next_power_of_2(dim), BLOCK_D=block_d, num_warps=4,
             enable_fp_fusion=False)
     else:
         rerank_rows = max(1, 128 // cand_slots)
@@ -280,10 +316,10 @@ COMPILE_CASES = [
     # Unit strides as the JIT specialises them: the tile layout that fused unevenly (k = 8).
     ("_rerank_kernel", dict(METRIC=0, K_SEL=8, CAND=16, ROWS=8, BLOCK_D=16, sxd=1, scd=1),
      _TYPES, _NO_FMA),
-    ("_chunk_exact_kernel", dict(METRIC=0, CAND=16, ROWS=4, BLOCK=64, BLOCK_D=8), _TYPES,
-     _NO_FMA),
-    ("_chunk_exact_kernel", dict(METRIC=1, CAND=16, ROWS=4, BLOCK=32, BLOCK_D=16), _TYPES,
-     _NO_FMA),
+    ("_chunk_exact_kernel", dict(METRIC=0, CAND=16, BLOCK=256, D_PAD=8, BLOCK_D=8),
+     dict(_TYPES, x_ptr="*bf16", c_ptr="*bf16", terms_ptr="*fp32", eps_ptr="*fp32"), _NO_FMA),
+    ("_chunk_exact_kernel", dict(METRIC=1, CAND=16, BLOCK=128, D_PAD=32, BLOCK_D=16),
+     dict(_TYPES, terms_ptr="*fp32", eps_ptr="*fp32"), _NO_FMA),
     ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, ROWS=8, BLOCK=16, BLOCK_D=16), _TYPES,
      _NO_FMA),
     ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, ROWS=1, BLOCK=128, BLOCK_D=16), _TYPES,
