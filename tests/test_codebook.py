@@ -278,7 +278,7 @@ def test_triton_chunk_search_more_tied_lanes_than_slots(monkeypatch):
     flags, rerank = [], cbm.rerank_and_fallback
 
     def spy(x3, cb3, cand, flag, *rest):
-        flags.append(flag.clone())
+        flags.append(flag)  # as the exact stages leave it
         return rerank(x3, cb3, cand, flag, *rest)
 
     monkeypatch.setattr(cbm, "rerank_and_fallback", spy)
@@ -289,6 +289,26 @@ def test_triton_chunk_search_more_tied_lanes_than_slots(monkeypatch):
                    torch.randn(6, 5, device=device)])
     dist, idx = cbm.codebook_search(x[:, None], codebook[None], 1, "l2")
     assert int(flags[0][:6].sum()) == 6
+    assert_search_exact(x, codebook, 1, "l2", dist[:, 0], idx[:, 0])
+
+
+@needs_triton
+def test_triton_chunk_search_tie_at_one_tile_position(monkeypatch):
+    """Copies of a code at the same offset of two chunks land on one tile position of the
+    chunk stage, which then flags the row; the exact scan picks the lower index."""
+    from gtkernels.triton import codebook as cbm
+
+    flags, rerank = [], cbm.rerank_and_fallback
+    monkeypatch.setattr(cbm, "rerank_and_fallback",
+                        lambda x3, cb3, cand, flag, *rest: flags.append(flag)
+                        or rerank(x3, cb3, cand, flag, *rest))
+    device = triton_device()
+    codebook = torch.randn(300, 6, device=device)                 # chunks of 3 codes
+    codebook[8] = codebook[5]                                      # offset 2 of chunks 1 and 2
+    x = torch.cat([codebook[5:6] + 1e-3 * torch.randn(4, 6, device=device),
+                   torch.randn(4, 6, device=device)])
+    dist, idx = cbm.codebook_search(x[:, None], codebook[None], 1, "l2")
+    assert int(flags[0][:4].sum()) == 4
     assert_search_exact(x, codebook, 1, "l2", dist[:, 0], idx[:, 0])
 
 
@@ -346,8 +366,8 @@ def test_triton_scan_operands_bound_their_dots(dtype, dim):
     dots = torch.einsum("ngd,gkd->ngk", xs.cpu().double(), cs.cpu().double())
     dots = dots * scale.cpu().double()[..., None]
     exact = torch.einsum("ngd,gkd->ngk", x64, c64)
-    mag_x, res_x, cross_x = (v.cpu().double()[..., None] for v in x_err)
-    mag_c, res_c, cross_c = (v.cpu().double()[None] for v in c_err)
+    mag_x, res_x, cross_x = (v.cpu().double()[..., None] for v in x_err.unbind(-1))
+    mag_c, res_c, cross_c = (v.cpu().double()[None] for v in c_err.unbind(-1))
     bound = res_x * c64.norm(dim=-1)[None] + mag_x * res_c + cross_x * cross_c
     assert bool(((dots - exact).abs() <= bound).all())
     abs_dots = torch.einsum("ngd,gkd->ngk", xs.cpu().double().abs(), cs.cpu().double().abs())
@@ -355,6 +375,46 @@ def test_triton_scan_operands_bound_their_dots(dtype, dim):
     if dim <= 21:  # the pair leaves about 2**-22 relative, one fp16 term about 2**-11
         scaled = bound / (x64.norm(dim=-1)[..., None] * c64.norm(dim=-1)[None]).clamp_min(1e-300)
         assert float(scaled.max()) < 2.0 ** -18
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("metric", METRICS)
+def test_triton_score_bound_formula(dtype, metric):
+    """The bound kernel gives the documented formula (codebook_bound.py), computed here in
+    float64 from the same inputs, to fp32 rounding."""
+    from gtkernels.triton.codebook_bound import SAFETY, score_bound
+    from gtkernels.triton.codebook_operands import UNIT, fp32_norm_rel, scan_operands
+
+    device = triton_device()
+    x3 = torch.randn(37, 2, 9, device=device).to(dtype)
+    spread = torch.tensor([0.1, 3.0], device=device)[:, None, None]
+    cb3 = (torch.randn(2, 50, 9, device=device) * spread).to(dtype)
+    xs, cs, scale, x_err, c_err = scan_operands(x3, cb3)
+    x_sq, norms = x3.float().pow(2).sum(-1), cb3.float().pow(2).sum(-1)
+    got = score_bound(x3, x_sq, norms, metric, xs.shape[-1], x_err, c_err).cpu().double()
+    norm_rel, acc_rel = fp32_norm_rel(9), 4.0 * (xs.shape[-1] + 16) * UNIT
+    grow = 1 + 4 * UNIT
+    x_norm = (x_sq.cpu().double() * (1 + norm_rel)).sqrt() * grow
+    c_norm = (norms.cpu().double().amax(1) * (1 + norm_rel)).sqrt() * grow
+    if x_err is None:
+        (x_mag, x_res, x_cross), c_res, c_cross = (x_norm, 0.0, 0.0), 0.0, 0.0
+        c_mag = 1.0 if metric == "cosine" else c_norm
+    else:
+        x_mag, x_res, x_cross = x_err.cpu().double().unbind(-1)
+        c = c_err.cpu().double()
+        if metric == "cosine":
+            c = c / norms.cpu().double().sqrt()[..., None] * (1 + norm_rel) * grow
+        c_mag, c_res, c_cross = c.amax(1).unbind(-1)
+    dot_err = acc_rel * x_mag * c_mag + x_mag * c_res + x_cross * c_cross
+    if metric == "l2":
+        eps = (2 * (dot_err + x_res * c_norm) + 4 * UNIT * x_norm * c_norm
+               + (norm_rel + 2 * UNIT) * c_norm ** 2)
+    elif metric == "ip":
+        eps = dot_err + x_res * c_norm + 2 * UNIT * x_norm * c_norm
+    else:
+        eps = dot_err + x_res + (norm_rel + 6 * UNIT) * x_norm
+    torch.testing.assert_close(got, SAFETY * eps + 1e-30, rtol=1e-5, atol=0.0)
 
 
 @needs_triton

@@ -33,12 +33,11 @@ import triton.language as tl
 from . import interpreting
 from ._common import autotune
 from .codebook_exact import rerank_and_fallback
-from .codebook_operands import FP16_SCALE_EXP, UNIT, fp32_norm_rel, scan_operands
+from .codebook_bound import COSINE_EPS, packed_bias, score_bound
+from .codebook_operands import UNIT, scan_operands
 from .norms import row_sq_norms
 
 METRIC_IDS = {"l2": 0, "ip": 1, "cosine": 2}
-COSINE_EPS = 1e-8
-SAFETY = 2.0
 UNIT_K = tl.constexpr(UNIT)
 TRUNCATION_REL = tl.constexpr(2.0 ** -22)  # 2 x the relative error of one unit in the last place
 
@@ -123,7 +122,7 @@ def _kth_lowest(best, lanes, K_SEL: tl.constexpr, LANES_: tl.constexpr):
 
 
 @triton.jit
-def _store_candidates(best, ids, threshold, rows, row_mask, out, CAND: tl.constexpr,
+def _store_candidates(best, ids, threshold, row_mask, out, CAND: tl.constexpr,
                       BLOCK_N: tl.constexpr):
     """Writes ids [BLOCK_N, LANES] of the lanes whose best <= threshold [BLOCK_N], compacted
     in lane order into CAND slots per row at out [BLOCK_N] pointers (-1 = empty slot), and
@@ -198,7 +197,7 @@ def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, bias_ptr, eps_ptr, cand_pt
     threshold += 4.0 * UNIT_K * tl.abs(threshold)
     # Compact the candidate lanes into CAND slots per row (-1 = empty); more than CAND
     # candidates also sends the row to the exact fallback.
-    count = _store_candidates(best, best_idx, threshold, rows, row_mask,
+    count = _store_candidates(best, best_idx, threshold, row_mask,
                               cand_ptr + (rows.to(tl.int64) * G + g) * CAND, CAND, BLOCK_N)
     # The runner-up's two roundings err by at most 4 u max(|lowest|, |threshold|).
     runner_slack = 4.0 * UNIT_K * tl.maximum(tl.abs(tl.min(best, axis=1)), tl.abs(threshold))
@@ -227,7 +226,8 @@ def _chunk_scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, eps_ptr, cand_ptr, f
     x_tile = tl.load(x_rows + dk[None, :] * sxd, mask=row_mask[:, None] & (dk[None, :] < D),
                      other=0.0).to(DOT_DTYPE)
     neg_factor = -tl.load(factor_ptr + rows * G + g, mask=row_mask, other=0.0)[:, None]
-    tile = c_ptr + g.to(tl.int64) * num_tiles * LANES_ * D_PAD + lanes[None, :] * D_PAD + dk[:, None]
+    tile = (c_ptr + g.to(tl.int64) * num_tiles * LANES_ * D_PAD + lanes[None, :] * D_PAD
+            + dk[:, None])
     terms = nterm_ptr + g.to(tl.int64) * num_tiles * LANES_ + lanes
     best = tl.full([BLOCK_N, LANES_], float("inf"), dtype=tl.float32)
     for _ in range(num_tiles):
@@ -239,7 +239,8 @@ def _chunk_scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, eps_ptr, cand_ptr, f
     threshold = tl.min(best, axis=1) + 2.0 * eps
     threshold += 4.0 * UNIT_K * tl.abs(threshold)
     count = _store_candidates(best, tl.broadcast_to(lanes[None, :], [BLOCK_N, LANES_]),
-                              threshold, rows, row_mask, cand_ptr + (rows.to(tl.int64) * G + g) * CAND,
+                              threshold, row_mask,
+                              cand_ptr + (rows.to(tl.int64) * G + g) * CAND,
                               CAND, BLOCK_N)
     tl.store(flag_ptr + rows * G + g, (count > CAND).to(tl.int8), mask=row_mask)
 
@@ -291,62 +292,6 @@ def _chunk_layout(cs, nterm, d_pad):
     terms = torch.nn.functional.pad(nterm, (0, spare), value=float("inf"))
     terms = terms.view(num_groups, CHUNK_LANES, tiles).transpose(1, 2).contiguous()
     return codes, terms, tiles
-
-
-def score_bound(x3, x_sq, norms, metric, op_dim, x_err=None, c_err=None):
-    """Per-row bound eps [N, G] (float32) on |approximate score - exact score| of the scan;
-    x_sq [N, G] fp32 holds the rows' ||x||^2 (``row_sq_norms``).
-
-    A dot of op_dim products accumulated in fp32 in any order errs by at most ~op_dim u
-    sum_i |x'_i c'_i| <= op_dim u mag_x mag_c (u = 2**-24; tensor-core accumulation taken as
-    4 op_dim u); norms computed in fp32 err by ~D u ||c||^2. The operands' own error
-    (``scan_operands``) adds res_x ||c|| + mag_x res_c + cross_x cross_c. With C = max_j
-    ||c_j||: l2: 2 dot_err + norm_rel C^2, ip: dot_err, cosine: dot_err / ||c_j||, bounded
-    with the largest ratios over the codes; all times SAFETY, plus final roundings.
-    """
-    dim = x3.shape[-1]
-    acc_rel = _accumulation_rel(op_dim)
-    norm_rel = fp32_norm_rel(dim) + (2 * UNIT if x3.dtype == torch.float64 else 0.0)
-    inflate = (1 + norm_rel) * (1 + 4 * UNIT)
-    code_norm_max = (norms.amax(dim=1) * (1 + norm_rel)).sqrt() * (1 + 4 * UNIT)  # [G]
-    x_norm = (x_sq * (1 + norm_rel)).sqrt() * (1 + 4 * UNIT)
-    if x_err is None:  # bf16 / fp16: the operands are the inputs
-        x_mag, x_res, x_cross = x_norm, 0.0, 0.0
-        c_mag, c_res, c_cross = code_norm_max, 0.0, 0.0
-        c_mag_rel, c_res_rel, c_cross_rel = 1.0, 0.0, 0.0  # the same over ||c_j|| (cosine)
-    else:
-        x_mag, x_res, x_cross = x_err
-        c_mag, c_res, c_cross = (v.amax(dim=1) for v in c_err)
-        code_len = norms.sqrt().clamp_min(COSINE_EPS)
-        c_mag_rel, c_res_rel, c_cross_rel = ((v / code_len).amax(dim=1) * inflate for v in c_err)
-    dot_err = acc_rel * x_mag * c_mag + x_res * code_norm_max + x_mag * c_res + x_cross * c_cross
-    if metric == "l2":
-        eps = (2 * dot_err + 4 * UNIT * x_norm * code_norm_max
-               + (norm_rel + 2 * UNIT) * code_norm_max ** 2)
-    elif metric == "ip":
-        eps = dot_err + 2 * UNIT * x_norm * code_norm_max
-    else:
-        eps = (acc_rel * x_mag * c_mag_rel + x_res + x_mag * c_res_rel + x_cross * c_cross_rel
-               + (norm_rel + 6 * UNIT) * x_norm)
-    return (SAFETY * eps + 1e-30).float().contiguous()
-
-
-def _accumulation_rel(dim):
-    """Relative bound of a tensor-core dot of up to dim + 16 terms (4 (dim + 16) u)."""
-    return 4.0 * (dim + 16) * UNIT
-
-
-def packed_bias(x3, x_sq, xs, factor, eps):
-    """The l2 scan's per-row bias in the spare dimension D (D < padded D): x~[:, D] times
-    the codes' bias_code in that dimension adds about ||x||^2 to every score of the row, so
-    the scores are the distances themselves, small near the best code, where packing the
-    tile number into their low bits errs least. Any bias is exact (one constant per row);
-    its rounding in the dot joins the bound: returns (bias [N, G] fp32, holding dot-dtype
-    values, bias_code, eps + SAFETY acc_rel |bias| bias_code factor)."""
-    bias_code = 1.0 if x3.dtype in (torch.bfloat16, torch.float16) else 2.0 ** FP16_SCALE_EXP
-    bias = (-x_sq / (factor * bias_code)).clamp(-2.0 ** 15, 2.0 ** 15).to(xs.dtype).float()
-    eps = eps + SAFETY * _accumulation_rel(xs.shape[-1]) * bias.abs() * (bias_code * factor)
-    return bias.contiguous(), bias_code, eps.contiguous()
 
 
 def _padded_codes(cs, d_pad, bias_code):

@@ -1,13 +1,14 @@
 """The float64 stages of the exact codebook search (after the tensor-core scan of codebook.py).
 
 - ``_rerank_kernel``: float64 distances of a row's candidate codes, the k smallest (ties to
-  the lowest index), ROWS rows per program. Rows the scan flagged are skipped.
+  the lowest index), ROWS rows per program. Rows the scan flagged are skipped (and listed).
 - ``_chunk_exact_kernel``: the same for the chunk scan (k = 1), whose candidates are lanes:
   the row's nearest code over the chunks of codes those lanes own (fp32 scores first, float64
-  for the codes within the bound of the lowest).
+  for the codes within the bound of the lowest; rows where that is not one code per tile
+  position are flagged).
 - Flagged rows take an exact float64 scan of all codes, split over the codebook so that a
-  few flagged rows do not serialise on one program each: ``flagged_rows`` lists them on the
-  device (no host synchronisation), ``_split_topk_kernel`` has a fixed set of programs walk
+  few flagged rows do not serialise on one program each: the re-rank kernels list them on
+  the device (no host synchronisation), ``_split_topk_kernel`` has a fixed set of programs walk
   the (batch of flagged rows, code chunk) items and write each chunk's k best per row (a
   batch shares every code tile it loads: 8 rows where the codebook exceeds half the L2
   cache, else 1), and
@@ -34,6 +35,7 @@ _UNIT_K = tl.constexpr(UNIT)              # fp32 unit roundoff
 SPLIT_CODES = 512           # codes per chunk of a flagged row's exact scan (at least)
 SPLIT_ROWS = 8              # flagged rows that share each code tile of a large codebook
 PARTIALS_BYTES = 64 << 20   # bound on the chunk results kept for the merge
+CHUNK_ROWS = 8              # rows per program of the chunk search's exact stage
 
 
 @triton.jit
@@ -70,13 +72,23 @@ def _exact_distances(x_rows, row_ok, c_rows, codes, valid, D, sxd, sck, scd,
 
 
 @triton.jit
-def _rerank_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, dist_ptr, idx_ptr,
+def _append_flagged(rows, flagged, order_ptr, count_ptr):
+    """Appends the rows where flagged to the list order (count_ptr: its length so far), in
+    whatever order the atomics give: each row's result does not depend on it."""
+    slot = tl.atomic_add(count_ptr + tl.zeros_like(rows), 1, mask=flagged)
+    tl.store(order_ptr + slot, rows, mask=flagged)
+
+
+@triton.jit
+def _rerank_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, order_ptr, count_ptr, dist_ptr, idx_ptr,
                    NG, G, K, D, sxn, sxg, sxd, scg, sck, scd,
                    METRIC: tl.constexpr, K_SEL: tl.constexpr, CAND: tl.constexpr,
                    ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # over N * G
     live = (rows < NG)
-    live = live & (tl.load(flag_ptr + rows, mask=live, other=1) == 0)
+    flagged = live & (tl.load(flag_ptr + rows, mask=live, other=0) != 0)
+    _append_flagged(rows, flagged, order_ptr, count_ptr)
+    live = live & ~flagged
     g = rows % G
     codes = tl.load(cand_ptr + rows[:, None] * CAND + tl.arange(0, CAND)[None, :],
                     mask=live[:, None], other=-1)
@@ -93,72 +105,69 @@ def _rerank_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, dist_ptr, idx_ptr,
 
 
 @triton.jit
-def _chunk_scores(x, c_rows, terms, codes, valid, D, sck, scd, METRIC: tl.constexpr,
-                  D_PAD: tl.constexpr):
-    """fp32 scores [BLOCK] of codes [BLOCK] for one row x [D_PAD] (fp32): terms - 2 <x, c>
-    (l2; terms = ||c||^2) or terms - <x, c> (ip; terms = 0), +inf where not valid. An fp32
-    dot of D products errs by at most D u sum |x_i c_i|, within the scan's bound eps."""
-    dk = tl.arange(0, D_PAD)
-    cv = tl.load(c_rows + codes[:, None].to(tl.int64) * sck + dk[None, :] * scd,
-                 mask=valid[:, None] & (dk[None, :] < D), other=0.0).to(tl.float32)
-    dot = tl.sum(cv * x[None, :], axis=1)
-    if METRIC == 0:
-        dot = 2.0 * dot
-    return tl.load(terms + codes, mask=valid, other=float("inf")) - dot
-
-
-@triton.jit
-def _chunk_exact_kernel(x_ptr, c_ptr, terms_ptr, eps_ptr, cand_ptr, flag_ptr, dist_ptr,
-                        idx_ptr, G, K, D, chunk, sxn, sxg, sxd, scg, sck, scd,
-                        METRIC: tl.constexpr, CAND: tl.constexpr, BLOCK: tl.constexpr,
-                        D_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-    """After the chunk scan (k = 1), one row per program: its nearest code over the chunks
+def _chunk_exact_kernel(x_ptr, c_ptr, terms_ptr, eps_ptr, cand_ptr, flag_ptr, order_ptr,
+                        count_ptr, dist_ptr, idx_ptr, NG, G, K, D, chunk, sxn, sxg, sxd, scg, sck,
+                        scd,
+                        METRIC: tl.constexpr, CAND: tl.constexpr, ROWS: tl.constexpr,
+                        BLOCK: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """After the chunk scan (k = 1): a row's nearest code over the chunks
     [lane * chunk, min((lane + 1) * chunk, K)) of its candidate lanes (cand [N G, CAND],
-    compacted, -1 = empty), ties to the lowest index. A first pass takes the lowest fp32
-    score over those codes; within it + 2 eps lie all codes that can be the nearest (eps
-    bounds the fp32 scores too), and a second pass computes float64 distances only for
-    code tiles holding such a code. Flagged rows are skipped."""
-    row = tl.program_id(0).to(tl.int64)  # over N * G
-    g = row % G
-    x_row = x_ptr + (row // G) * sxn + g * sxg
+    compacted, -1 = empty), ties to the lowest index; ROWS rows per program, each walking
+    its own chunks in tiles of BLOCK codes.
+
+    First fp32 scores s (terms - 2 <x, c> for l2, -<x, c> for ip; an fp32 dot of D products
+    errs by at most D u sum |x_i c_i|, within the scan's bound eps), kept per tile position
+    as the lowest (and its code) and the second lowest, with no reduction inside the loop.
+    Every code that can be the nearest has s <= lowest + 2 eps; where a position's second
+    lowest is within that too the row is flagged for the exact scan, else each position
+    holds at most one such code, and those get float64 distances. Flagged rows (by the scan
+    or here) are appended to order for the exact scan."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # over N * G
+    live = rows < NG
+    flagged = live & (tl.load(flag_ptr + rows, mask=live, other=0) != 0)
+    live = live & ~flagged
+    g = rows % G
+    x_rows = x_ptr + (rows // G) * sxn + g * sxg
     c_rows = c_ptr + g * scg
     terms = terms_ptr + g * K
     dk = tl.arange(0, D_PAD)
-    x = tl.load(x_row + dk * sxd, mask=dk < D, other=0.0).to(tl.float32)
-    live = tl.load(flag_ptr + row) == 0
-    lanes = tl.load(cand_ptr + row * CAND + tl.arange(0, CAND))
-    count = tl.where(live, tl.sum((lanes >= 0).to(tl.int32), axis=0), 0)
+    x = tl.load(x_rows[:, None] + dk[None, :] * sxd, mask=live[:, None] & (dk[None, :] < D),
+                other=0.0).to(tl.float32)
+    lanes = tl.load(cand_ptr + rows[:, None] * CAND + tl.arange(0, CAND)[None, :],
+                    mask=live[:, None], other=-1)
+    count = tl.sum((lanes >= 0).to(tl.int32), axis=1)
     offs = tl.arange(0, BLOCK)
-    low = tl.full([BLOCK], float("inf"), dtype=tl.float32)
-    for slot in range(count):
-        lo = tl.load(cand_ptr + row * CAND + slot) * chunk
-        hi = tl.minimum(lo + chunk, K)
-        for k0 in range(lo, hi, BLOCK):
-            codes = k0 + offs
-            low = tl.minimum(low, _chunk_scores(x, c_rows, terms, codes, codes < hi, D, sck, scd,
-                                                METRIC, D_PAD))
-    threshold = tl.min(low, axis=0) + 2.0 * tl.load(eps_ptr + row)
+    best = tl.full([ROWS, BLOCK], float("inf"), dtype=tl.float32)
+    second = tl.full([ROWS, BLOCK], float("inf"), dtype=tl.float32)
+    best_j = tl.full([ROWS, BLOCK], K, dtype=tl.int32)
+    for slot in range(tl.max(count, axis=0)):
+        lane = tl.load(cand_ptr + rows * CAND + slot, mask=slot < count, other=-1)
+        lo = tl.maximum(lane, 0) * chunk
+        hi = tl.where(lane >= 0, tl.minimum(lo + chunk, K), lo)
+        for k0 in range(0, tl.max(hi - lo, axis=0), BLOCK):
+            codes = lo[:, None] + k0 + offs[None, :]
+            valid = codes < hi[:, None]
+            cv = tl.load(c_rows[:, None, None] + codes[:, :, None].to(tl.int64) * sck
+                         + dk[None, None, :] * scd,
+                         mask=valid[:, :, None] & (dk[None, None, :] < D), other=0.0)
+            dot = tl.sum(cv.to(tl.float32) * x[:, None, :], axis=2)
+            if METRIC == 0:
+                dot = 2.0 * dot
+            s = tl.load(terms[:, None] + codes, mask=valid, other=float("inf")) - dot
+            second = tl.minimum(second, tl.maximum(best, s))
+            best_j = tl.where(s < best, codes, best_j)
+            best = tl.minimum(best, s)
+    threshold = tl.min(best, axis=1) + 2.0 * tl.load(eps_ptr + rows, mask=live, other=0.0)
     threshold += 4.0 * _UNIT_K * tl.abs(threshold)
-    one = tl.full([1], 0, dtype=tl.int64)  # [1]-shaped row tensors for _exact_distances
-    best_d = tl.full([1], float("inf"), dtype=tl.float64)
-    best_j = tl.full([1], K, dtype=tl.int32)
-    for slot in range(count):
-        lo = tl.load(cand_ptr + row * CAND + slot) * chunk
-        hi = tl.minimum(lo + chunk, K)
-        for k0 in range(lo, hi, BLOCK):
-            codes = k0 + offs
-            near = (codes < hi) & (_chunk_scores(x, c_rows, terms, codes, codes < hi, D, sck,
-                                                 scd, METRIC, D_PAD) <= threshold)
-            if tl.sum(near.to(tl.int32), axis=0) > 0:
-                d = _exact_distances(x_row + one, one == 0, c_rows + one, codes[None, :],
-                                     near[None, :], D, sxd, sck, scd, METRIC, BLOCK_D)
-                m = tl.min(d, axis=1)
-                j = tl.min(tl.where(d == m[:, None], codes[None, :], K), axis=1)
-                take = (m < best_d) | ((m == best_d) & (j < best_j))
-                best_d = tl.where(take, m, best_d)
-                best_j = tl.where(take, j, best_j)
-    tl.store(dist_ptr + row + one, best_d, mask=live)
-    tl.store(idx_ptr + row + one, best_j.to(tl.int64), mask=live)
+    crowded = tl.max((second <= threshold[:, None]).to(tl.int32), axis=1) > 0
+    d = _exact_distances(x_rows, live, c_rows, best_j, live[:, None] & (best <= threshold[:, None]),
+                         D, sxd, sck, scd, METRIC, BLOCK_D)
+    m = tl.min(d, axis=1)
+    j = tl.min(tl.where(d == m[:, None], best_j, K), axis=1)
+    tl.store(dist_ptr + rows, m, mask=live & ~crowded)
+    tl.store(idx_ptr + rows, j.to(tl.int64), mask=live & ~crowded)
+    tl.store(flag_ptr + rows, tl.full([ROWS], 1, dtype=tl.int8), mask=live & crowded)
+    _append_flagged(rows, flagged | (live & crowded), order_ptr, count_ptr)
 
 
 @triton.jit
@@ -238,17 +247,6 @@ def _merge_topk_kernel(order_ptr, count_ptr, part_d_ptr, part_i_ptr, dist_ptr, i
             prev_j = best_j
 
 
-def flagged_rows(flag):
-    """flag int8 [R] -> (order int64 [R] whose first `count` entries are the flagged rows in
-    ascending order, count int64 [1]), on the device without a host synchronisation."""
-    rows = flag.numel()
-    position = torch.cumsum(flag.to(torch.int64), 0)
-    target = torch.where(flag != 0, position - 1, rows)  # unflagged rows go to a spare slot
-    order = torch.empty(rows + 1, device=flag.device, dtype=torch.int64)
-    order.scatter_(0, target, torch.arange(rows, device=flag.device))
-    return order, position[-1:]
-
-
 def _rows_per_batch(cb3):
     """Flagged rows that share each code tile: SPLIT_ROWS where the codebook would stream
     from memory once per row (over half the L2 cache), 1 where it stays in L2 and sharing
@@ -276,20 +274,23 @@ def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides, c
     # [rows, CAND or BLOCK, BLOCK_D] float64 tiles of 2048 values: no register spills
     # (ptxas, sm_90a).
     block_d = min(16, triton.next_power_of_2(dim))
+    order = torch.empty(rows, device=x3.device, dtype=torch.int64)   # the flagged rows
+    count = torch.zeros(1, device=x3.device, dtype=torch.int64)
     if chunk is not None:
         length, terms, eps = chunk
-        _chunk_exact_kernel[(rows,)](
-            x3, cb3, terms, eps, cand, flag, dist, idx, num_groups, num_codes, dim, length,
-            *strides, METRIC=metric_id, CAND=cand_slots, BLOCK=2048 // block_d,
-            D_PAD=triton.next_power_of_2(dim), BLOCK_D=block_d, num_warps=4,
+        d_pad = triton.next_power_of_2(dim)
+        _chunk_exact_kernel[(triton.cdiv(rows, CHUNK_ROWS),)](
+            x3, cb3, terms, eps, cand, flag, order, count, dist, idx, rows, num_groups, num_codes,
+            dim, length,
+            *strides, METRIC=metric_id, CAND=cand_slots, ROWS=CHUNK_ROWS,
+            BLOCK=2048 // (CHUNK_ROWS * d_pad), D_PAD=d_pad, BLOCK_D=block_d, num_warps=4,
             enable_fp_fusion=False)
     else:
         rerank_rows = max(1, 128 // cand_slots)
         _rerank_kernel[(triton.cdiv(rows, rerank_rows),)](
-            x3, cb3, cand, flag, dist, idx, rows, num_groups, num_codes, dim, *strides,
-            METRIC=metric_id, K_SEL=k, CAND=cand_slots, ROWS=rerank_rows, BLOCK_D=block_d,
+            x3, cb3, cand, flag, order, count, dist, idx, rows, num_groups, num_codes, dim,
+            *strides, METRIC=metric_id, K_SEL=k, CAND=cand_slots, ROWS=rerank_rows, BLOCK_D=block_d,
             num_warps=4, enable_fp_fusion=False)
-    order, count = flagged_rows(flag.view(-1))
     # Chunks of SPLIT_CODES codes, fewer where every row's k results per chunk would not fit.
     max_splits = max(1, PARTIALS_BYTES // (16 * k * rows))
     num_splits = min(triton.cdiv(num_codes, SPLIT_CODES), max_splits)
@@ -316,9 +317,9 @@ COMPILE_CASES = [
     # Unit strides as the JIT specialises them: the tile layout that fused unevenly (k = 8).
     ("_rerank_kernel", dict(METRIC=0, K_SEL=8, CAND=16, ROWS=8, BLOCK_D=16, sxd=1, scd=1),
      _TYPES, _NO_FMA),
-    ("_chunk_exact_kernel", dict(METRIC=0, CAND=16, BLOCK=256, D_PAD=8, BLOCK_D=8),
+    ("_chunk_exact_kernel", dict(METRIC=0, CAND=16, ROWS=8, BLOCK=32, D_PAD=8, BLOCK_D=8),
      dict(_TYPES, x_ptr="*bf16", c_ptr="*bf16", terms_ptr="*fp32", eps_ptr="*fp32"), _NO_FMA),
-    ("_chunk_exact_kernel", dict(METRIC=1, CAND=16, BLOCK=128, D_PAD=32, BLOCK_D=16),
+    ("_chunk_exact_kernel", dict(METRIC=1, CAND=16, ROWS=8, BLOCK=8, D_PAD=32, BLOCK_D=16),
      dict(_TYPES, terms_ptr="*fp32", eps_ptr="*fp32"), _NO_FMA),
     ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, ROWS=8, BLOCK=16, BLOCK_D=16), _TYPES,
      _NO_FMA),

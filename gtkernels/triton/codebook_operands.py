@@ -117,8 +117,8 @@ def scan_operands(x3, cb3):
 
     x3 [N, G, D] and cb3 [G, K, D] of one dtype. bf16 / fp16 inputs are used as they are.
     Returns (xs [N, G, D'], cs [G, K, D'], scale [N, G] fp32 = 1 / (s_x s_c), x_err, c_err):
-    x_err = (mag, res, cross), each fp32 [N, G], c_err the same of [G, K] (see the module
-    docstring), or None for bf16 / fp16 inputs.
+    x_err fp32 [N, G, 3] = (mag, res, cross) per row, c_err the same [G, K, 3] per code (see
+    the module docstring), or None for bf16 / fp16 inputs.
     """
     num_rows, num_groups, dim = x3.shape
     if x3.dtype in (torch.bfloat16, torch.float16):
@@ -129,7 +129,7 @@ def scan_operands(x3, cb3):
     cs, c_err = _operand_rows(cb3, group_amax, False, split)
     scale = torch.empty((num_rows, num_groups), device=x3.device, dtype=torch.float32)
     xs, x_err = _operand_rows(x3, group_amax, True, split, scale)
-    return xs, cs, scale, x_err.unbind(-1), c_err.unbind(-1)
+    return xs, cs, scale, x_err, c_err
 
 
 # Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed).
