@@ -22,8 +22,14 @@
    that matter (between the row's lowest and T) this adds 2**(tile_bits - 22) (max(|lowest|,
    |k-th|) + 2 eps) to eps (the factor 2 covers T's own growth), so the proof above holds
    with the larger eps.
-2. codebook_exact.py: float64 re-rank of the candidates, and an exact float64 scan, split
-   over the codebook, for flagged rows.
+2. ``_chunk_scan_kernel`` replaces it for k = 1 with small operands (padded D <= 32; l2 and
+   ip): lane j owns the contiguous chunk of codes j * L ... (j + 1) * L - 1 and keeps only
+   its lowest score, one fma and one min per code (no index, no runner-up). Every code that
+   can be the nearest lies in a lane whose lowest score is within the row's lowest + 2 eps;
+   those lanes are the candidates (more than CAND: flagged).
+3. codebook_exact.py: float64 re-rank of the candidate codes (or, after the chunk scan, of
+   the candidate lanes' chunks), and an exact float64 scan, split over the codebook, for
+   flagged rows.
 No host synchronisation anywhere.
 """
 import torch
@@ -32,8 +38,8 @@ import triton.language as tl
 
 from . import interpreting
 from ._common import autotune
-from .codebook_exact import rerank_and_fallback
 from .codebook_bound import COSINE_EPS, packed_bias, score_bound
+from .codebook_exact import rerank_and_fallback
 from .codebook_operands import UNIT, scan_operands
 from .norms import row_sq_norms
 
