@@ -270,9 +270,14 @@ def test_triton_chunk_search(dtype, metric, num_codes, monkeypatch):
 
 
 @needs_triton
-def test_triton_chunk_search_more_tied_lanes_than_slots(monkeypatch):
-    """20 copies of a code in 20 chunks: more candidate lanes than the 16 slots, so its rows
-    are flagged and the exact scan picks the lowest index."""
+@pytest.mark.parametrize("num_codes,dim,copies,anchor", [
+    (1000, 5, list(range(0, 1000, 50)), 7),  # chunks of 8: 21 lanes, more than the 16 slots
+    (300, 6, [8], 5),                        # chunks of 3: offset 2 of chunks 1 and 2
+])
+def test_triton_chunk_search_flags_ties(num_codes, dim, copies, anchor, monkeypatch):
+    """Copies of the nearest code that the chunk search cannot tell apart: more candidate
+    lanes than slots (the scan flags the row) or two copies on one tile position of the
+    chunk stage (that stage flags it); the exact scan then picks the lowest index."""
     from gtkernels.triton import codebook as cbm
 
     flags, rerank = [], cbm.rerank_and_fallback
@@ -283,30 +288,10 @@ def test_triton_chunk_search_more_tied_lanes_than_slots(monkeypatch):
 
     monkeypatch.setattr(cbm, "rerank_and_fallback", spy)
     device = triton_device()
-    codebook = torch.randn(1000, 5, device=device)                 # chunks of 8 codes
-    codebook[::50] = codebook[7]
-    x = torch.cat([codebook[7:8] + 1e-3 * torch.randn(6, 5, device=device),
-                   torch.randn(6, 5, device=device)])
-    dist, idx = cbm.codebook_search(x[:, None], codebook[None], 1, "l2")
-    assert int(flags[0][:6].sum()) == 6
-    assert_search_exact(x, codebook, 1, "l2", dist[:, 0], idx[:, 0])
-
-
-@needs_triton
-def test_triton_chunk_search_tie_at_one_tile_position(monkeypatch):
-    """Copies of a code at the same offset of two chunks land on one tile position of the
-    chunk stage, which then flags the row; the exact scan picks the lower index."""
-    from gtkernels.triton import codebook as cbm
-
-    flags, rerank = [], cbm.rerank_and_fallback
-    monkeypatch.setattr(cbm, "rerank_and_fallback",
-                        lambda x3, cb3, cand, flag, *rest: flags.append(flag)
-                        or rerank(x3, cb3, cand, flag, *rest))
-    device = triton_device()
-    codebook = torch.randn(300, 6, device=device)                 # chunks of 3 codes
-    codebook[8] = codebook[5]                                      # offset 2 of chunks 1 and 2
-    x = torch.cat([codebook[5:6] + 1e-3 * torch.randn(4, 6, device=device),
-                   torch.randn(4, 6, device=device)])
+    codebook = torch.randn(num_codes, dim, device=device)
+    codebook[copies] = codebook[anchor].clone()
+    x = torch.cat([codebook[anchor:anchor + 1] + 1e-3 * torch.randn(4, dim, device=device),
+                   torch.randn(4, dim, device=device)])
     dist, idx = cbm.codebook_search(x[:, None], codebook[None], 1, "l2")
     assert int(flags[0][:4].sum()) == 4
     assert_search_exact(x, codebook, 1, "l2", dist[:, 0], idx[:, 0])
