@@ -222,7 +222,7 @@ def _chunk_scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, eps_ptr, cand_ptr, f
     [G, num_tiles, LANES, D_PAD] and nterm_ptr their score terms [G, num_tiles, LANES]
     (``_chunk_layout``: zeros and +inf past K, so no tile needs a mask). The lanes whose
     lowest score is within the row's lowest + 2 eps hold every code that can be the nearest;
-    their numbers go to cand_ptr, and codebook_exact.py walks their chunks in float64."""
+    their numbers go to cand_ptr, and codebook_exact.py walks their chunks."""
     g = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N

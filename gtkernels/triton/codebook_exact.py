@@ -160,8 +160,8 @@ def _chunk_exact_kernel(x_ptr, c_ptr, terms_ptr, eps_ptr, cand_ptr, flag_ptr, or
     threshold = tl.min(best, axis=1) + 2.0 * tl.load(eps_ptr + rows, mask=live, other=0.0)
     threshold += 4.0 * _UNIT_K * tl.abs(threshold)
     crowded = tl.max((second <= threshold[:, None]).to(tl.int32), axis=1) > 0
-    d = _exact_distances(x_rows, live, c_rows, best_j, live[:, None] & (best <= threshold[:, None]),
-                         D, sxd, sck, scd, METRIC, BLOCK_D)
+    near = live[:, None] & (best <= threshold[:, None])
+    d = _exact_distances(x_rows, live, c_rows, best_j, near, D, sxd, sck, scd, METRIC, BLOCK_D)
     m = tl.min(d, axis=1)
     j = tl.min(tl.where(d == m[:, None], best_j, K), axis=1)
     tl.store(dist_ptr + rows, m, mask=live & ~crowded)
@@ -281,16 +281,15 @@ def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides, c
         d_pad = triton.next_power_of_2(dim)
         _chunk_exact_kernel[(triton.cdiv(rows, CHUNK_ROWS),)](
             x3, cb3, terms, eps, cand, flag, order, count, dist, idx, rows, num_groups, num_codes,
-            dim, length,
-            *strides, METRIC=metric_id, CAND=cand_slots, ROWS=CHUNK_ROWS,
+            dim, length, *strides, METRIC=metric_id, CAND=cand_slots, ROWS=CHUNK_ROWS,
             BLOCK=2048 // (CHUNK_ROWS * d_pad), D_PAD=d_pad, BLOCK_D=block_d, num_warps=4,
             enable_fp_fusion=False)
     else:
         rerank_rows = max(1, 128 // cand_slots)
         _rerank_kernel[(triton.cdiv(rows, rerank_rows),)](
             x3, cb3, cand, flag, order, count, dist, idx, rows, num_groups, num_codes, dim,
-            *strides, METRIC=metric_id, K_SEL=k, CAND=cand_slots, ROWS=rerank_rows, BLOCK_D=block_d,
-            num_warps=4, enable_fp_fusion=False)
+            *strides, METRIC=metric_id, K_SEL=k, CAND=cand_slots, ROWS=rerank_rows,
+            BLOCK_D=block_d, num_warps=4, enable_fp_fusion=False)
     # Chunks of SPLIT_CODES codes, fewer where every row's k results per chunk would not fit.
     max_splits = max(1, PARTIALS_BYTES // (16 * k * rows))
     num_splits = min(triton.cdiv(num_codes, SPLIT_CODES), max_splits)
