@@ -38,7 +38,7 @@ import triton.language as tl
 
 from . import interpreting
 from ._common import autotune
-from .codebook_bound import COSINE_EPS, packed_bias, score_bound
+from .codebook_bound import COSINE_EPS, candidate_threshold, packed_bias, score_bound
 from .codebook_exact import rerank_and_fallback
 from .codebook_operands import UNIT, scan_operands
 from .norms import row_sq_norms
@@ -199,8 +199,7 @@ def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, bias_ptr, eps_ptr, cand_pt
         lowest = tl.min(best, axis=1)
         span = tl.maximum(tl.abs(lowest), tl.abs(kth)) + 2.0 * eps
         eps += (1 << tile_bits).to(tl.float32) * TRUNCATION_REL * span + 1e-30
-    threshold = kth + 2.0 * eps
-    threshold += 4.0 * UNIT_K * tl.abs(threshold)
+    threshold = candidate_threshold(kth, eps)
     # Compact the candidate lanes into CAND slots per row (-1 = empty); more than CAND
     # candidates also sends the row to the exact fallback.
     count = _store_candidates(best, best_idx, threshold, row_mask,
@@ -242,8 +241,7 @@ def _chunk_scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, eps_ptr, cand_ptr, f
         tile += LANES_ * D_PAD
         terms += LANES_
     eps = tl.load(eps_ptr + rows * G + g, mask=row_mask, other=0.0)
-    threshold = tl.min(best, axis=1) + 2.0 * eps
-    threshold += 4.0 * UNIT_K * tl.abs(threshold)
+    threshold = candidate_threshold(tl.min(best, axis=1), eps)
     count = _store_candidates(best, tl.broadcast_to(lanes[None, :], [BLOCK_N, LANES_]),
                               threshold, row_mask,
                               cand_ptr + (rows.to(tl.int64) * G + g) * CAND,
@@ -303,9 +301,8 @@ def _chunk_layout(cs, nterm, d_pad):
 def _padded_codes(cs, d_pad, bias_code):
     """The packed scan's codes [G, K, d_pad] (contiguous, so tiles load as whole vectors
     without a mask): cs in the first D' dims, bias_code in dim D', zeros after."""
-    num_groups, num_codes, op_dim = cs.shape
-    padded = cs.new_zeros((num_groups, num_codes, d_pad))
-    padded[..., :op_dim] = cs
+    op_dim = cs.shape[-1]
+    padded = torch.nn.functional.pad(cs, (0, d_pad - op_dim))
     padded[..., op_dim] = bias_code
     return padded
 

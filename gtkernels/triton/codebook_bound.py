@@ -63,6 +63,14 @@ def _row_bound_kernel(x_sq_ptr, x_err_ptr, norm_max_ptr, c_max_ptr, eps_ptr, R, 
     tl.store(eps_ptr + r, eps * _SAFETY_K + 1e-30, mask=ok)
 
 
+@triton.jit
+def candidate_threshold(lowest, eps):
+    """lowest + 2 eps (every code that can rank before a code with score `lowest` scores
+    at most this), raised by 4 u of itself for the rounding of that sum."""
+    threshold = lowest + 2.0 * eps
+    return threshold + 4.0 * _UNIT_K * tl.abs(threshold)
+
+
 def score_bound(x3, x_sq, norms, metric, op_dim, x_err=None, c_err=None):
     """Per-row bound eps [N, G] (float32) on |approximate score - exact score| of the scan.
 

@@ -27,11 +27,10 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .codebook_operands import UNIT
+from .codebook_bound import candidate_threshold
 
 COSINE_EPS = 1e-8
 _COSINE_EPS_K = tl.constexpr(COSINE_EPS)  # the same, readable inside kernels
-_UNIT_K = tl.constexpr(UNIT)              # fp32 unit roundoff
 SPLIT_CODES = 512           # codes per chunk of a flagged row's exact scan (at least)
 SPLIT_ROWS = 8              # flagged rows that share each code tile of a large codebook
 PARTIALS_BYTES = 64 << 20   # bound on the chunk results kept for the merge
@@ -157,8 +156,8 @@ def _chunk_exact_kernel(x_ptr, c_ptr, terms_ptr, eps_ptr, cand_ptr, flag_ptr, or
             second = tl.minimum(second, tl.maximum(best, s))
             best_j = tl.where(s < best, codes, best_j)
             best = tl.minimum(best, s)
-    threshold = tl.min(best, axis=1) + 2.0 * tl.load(eps_ptr + rows, mask=live, other=0.0)
-    threshold += 4.0 * _UNIT_K * tl.abs(threshold)
+    threshold = candidate_threshold(tl.min(best, axis=1),
+                                    tl.load(eps_ptr + rows, mask=live, other=0.0))
     crowded = tl.max((second <= threshold[:, None]).to(tl.int32), axis=1) > 0
     near = live[:, None] & (best <= threshold[:, None])
     d = _exact_distances(x_rows, live, c_rows, best_j, near, D, sxd, sck, scd, METRIC, BLOCK_D)
