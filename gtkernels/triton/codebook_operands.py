@@ -42,6 +42,13 @@ def _power_of_two_scale(amax):
 
 
 @triton.jit
+def _row_norms(v):
+    """||v_r|| of the rows of v [R, D], in fp32."""
+    v = v.to(tl.float32)
+    return tl.sqrt(tl.sum(v * v, axis=1))
+
+
+@triton.jit
 def _operand_rows_kernel(v_ptr, group_amax_ptr, out_ptr, err_ptr, scale_ptr, R, inner, D,
                          s_outer, s_inner, s_d, inflate, IS_X: tl.constexpr, SPLIT: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -70,24 +77,23 @@ def _operand_rows_kernel(v_ptr, group_amax_ptr, out_ptr, err_ptr, scale_ptr, R, 
     out = out_ptr + rows[:, None].to(tl.int64) * out_dim + cols[None, :]
     tl.store(out, high, mask=mask)
     unscale = inflate / scale
-    high_norm = tl.sqrt(tl.sum(high.to(tl.float32) * high.to(tl.float32), axis=1)) * unscale
+    high_norm = _row_norms(high) * unscale
     if SPLIT:
         low = residual.to(tl.float16)
-        rest = (residual - low.to(v.dtype)).to(tl.float32)
+        rest = residual - low.to(v.dtype)
         if IS_X:
             tl.store(out + D, high, mask=mask)
             tl.store(out + 2 * D, low, mask=mask)
         else:
             tl.store(out + D, low, mask=mask)
             tl.store(out + 2 * D, high, mask=mask)
-        low_norm = tl.sqrt(tl.sum(low.to(tl.float32) * low.to(tl.float32), axis=1)) * unscale
+        low_norm = _row_norms(low) * unscale
         mag = high_norm + low_norm
-        res = tl.sqrt(tl.sum(rest * rest, axis=1)) * unscale
+        res = _row_norms(rest) * unscale
         cross = low_norm
     else:
-        residual = residual.to(tl.float32)
         mag = high_norm
-        res = tl.sqrt(tl.sum(residual * residual, axis=1)) * unscale
+        res = _row_norms(residual) * unscale
         cross = tl.zeros_like(res)
     tl.store(err_ptr + rows * 3, mag, mask=row_ok)
     tl.store(err_ptr + rows * 3 + 1, res, mask=row_ok)
