@@ -446,15 +446,20 @@ def test_triton_distill(metric, row_chunk, code_chunk, mask, monkeypatch):
     kl, stats = code_distill.code_distill_loss(s, t, c, 0.7, metric)
     kl64, stats64 = torch.ops.gtkernels.code_distill_loss(s.cpu().double(), t.cpu().double(),
                                                           c.cpu().double(), 0.7, metric)
-    torch.testing.assert_close(kl.cpu().double(), kl64, rtol=1e-4, atol=1e-4)
     grad = torch.randn(37, device=device)
     got = code_distill.code_distill_loss_backward(grad, s, t, c, stats, 0.7, metric, list(mask))
     want = torch.ops.gtkernels.code_distill_loss_backward(
         grad.cpu().double(), s.cpu().double(), t.cpu().double(), c.cpu().double(), stats64, 0.7,
         metric, list(mask))
-    for g, w in zip(got, want):
+    # The same computation in fp32 on the CPU sets the error scale (DESIGN.md's tolerance rule):
+    # a fixed atol failed about one draw in a hundred, where fp32 itself erred by 2e-4.
+    kl32, stats32 = torch.ops.gtkernels.code_distill_loss(s.cpu(), t.cpu(), c.cpu(), 0.7, metric)
+    assert_within_tolerance(kl.cpu(), kl64, kl32, name="kl")
+    fp32 = torch.ops.gtkernels.code_distill_loss_backward(
+        grad.cpu(), s.cpu(), t.cpu(), c.cpu(), stats32, 0.7, metric, list(mask))
+    for name, g, w, base in zip(("d student", "d teacher", "d codebook"), got, want, fp32):
         assert g.dtype == torch.float32 and g.shape == w.shape
-        torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-4)
+        assert_within_tolerance(g.cpu(), w, base, name=name)
     again = code_distill.code_distill_loss_backward(grad, s, t, c, stats, 0.7, metric, list(mask))
     assert all(torch.equal(a, b) for a, b in zip(got, again))
 
