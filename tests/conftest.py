@@ -25,10 +25,32 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    """Fresh random inputs every run; the seed is printed on failure by pytest's -ra summary."""
-    seed = torch.seed()
+def _fresh_seed(request):
+    """Fresh random inputs every run. A failing test's report shows its seed; GTK_SEED=<seed>
+    draws that test's inputs again."""
+    if os.environ.get("GTK_SEED"):
+        seed = int(os.environ["GTK_SEED"])
+        torch.manual_seed(seed)
+    else:
+        seed = torch.seed()
+    request.node.gtk_seed = seed
     yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed and hasattr(item, "gtk_seed"):
+        report.sections.append(("seed", f"GTK_SEED={item.gtk_seed}"))
+
+
+@pytest.fixture
+def deterministic_and_poisoned():
+    """Deterministic algorithms on: torch.empty then fills with NaN, so unwritten outputs show."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
 
 
 def pytest_runtest_logreport(report):

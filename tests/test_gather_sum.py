@@ -13,15 +13,6 @@ GATHER_CASES = [(50, 7, 13, 4, None), (3, 33, 20, 6, None), (1000, 16, 9, 1, Non
                 (64, 5, 17, 3, 2), (10, 4, 0, 3, None), (10, 4, 5, 0, None)]
 
 
-@pytest.fixture
-def deterministic_and_poisoned():
-    """Deterministic algorithms on: torch.empty then fills with NaN, so unwritten outputs show."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 def _gather_inputs(device, dtype, R, d, T, B, M, idx_dtype=torch.int64, weights="table"):
     table = torch.randn((R, d) if M is None else (M, R, d), device=device, dtype=dtype)
     idx = torch.randint(0, R, (T, B), device=device, dtype=idx_dtype)

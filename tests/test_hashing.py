@@ -76,15 +76,6 @@ LOOKUP_CASES = [((7,), 3, 4, 5, None, 1.0), ((2, 3), 2, 8, 33, None, 0.7),
                 ((6,), 3, 3, 17, 3, 1.0), ((0,), 2, 2, 4, None, 1.0)]
 
 
-@pytest.fixture
-def deterministic_and_poisoned():
-    """Deterministic algorithms on: torch.empty then fills with NaN, so unwritten outputs show."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 def _lookup_inputs(device, dtype, lead, K, tau, d, M, with_bias=True):
     x = torch.randn(*lead, K * tau, device=device, dtype=dtype)
     x[torch.rand_like(x, dtype=torch.float32) < 0.05] = 0.0  # exact zeros: the bit rule
