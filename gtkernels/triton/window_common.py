@@ -147,18 +147,6 @@ def list_key_tile(k_ptr, v_ptr, list_ptr, live_ptr, q_pos, q_ok, start, hi, live
 
 
 @triton.jit
-def band_key_tile(k_ptr, v_ptr, tile, hi, r, dilation, stride_n, cols, D, key_lb, key_ub,
-                  excl_rows, HAS_EXCLUDE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(k, v, valid) of the band keys at positions tile, ..., tile + BLOCK_N - 1 (< hi) of
-    residue class r; valid as band_valid."""
-    offs_n = tile + tl.arange(0, BLOCK_N)
-    rows_n = r + offs_n * dilation
-    k = load_rows(k_ptr, rows_n, offs_n < hi, stride_n, cols, D)
-    v = load_rows(v_ptr, rows_n, offs_n < hi, stride_n, cols, D)
-    return k, v, band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE)
-
-
-@triton.jit
 def global_key_tile(k_ptr, v_ptr, start, hi, offs_m, stride_n, cols, D, CAUSAL: tl.constexpr,
                     BLOCK_N: tl.constexpr):
     """(k, v, valid) of the keys start, ..., start + BLOCK_N - 1 (< hi) met by the global query
@@ -189,6 +177,18 @@ def band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE: tl.constexpr):
         dropped = tl.load(excl_rows[:, None] + offs_n[None, :], mask=valid, other=1)
         valid = valid & (dropped == 0)
     return valid
+
+
+@triton.jit
+def band_key_tile(k_ptr, v_ptr, tile, hi, r, dilation, stride_n, cols, D, key_lb, key_ub,
+                  excl_rows, HAS_EXCLUDE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(k, v, valid) of the band keys at positions tile, ..., tile + BLOCK_N - 1 (< hi) of
+    residue class r; valid as band_valid."""
+    offs_n = tile + tl.arange(0, BLOCK_N)
+    rows_n = r + offs_n * dilation
+    k = load_rows(k_ptr, rows_n, offs_n < hi, stride_n, cols, D)
+    v = load_rows(v_ptr, rows_n, offs_n < hi, stride_n, cols, D)
+    return k, v, band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE)
 
 
 @triton.jit
