@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-COSINE_EPS = 1e-8
+from ..reference.codebook import COSINE_EPS
 
 
 @triton.jit

@@ -12,10 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.codebook import COSINE_EPS
 from . import interpreting
 from .codebook_operands import FP16_SCALE_EXP, UNIT, fp32_norm_rel
 
-COSINE_EPS = 1e-8
 SAFETY = 2.0
 _UNIT_K = tl.constexpr(UNIT)
 _SAFETY_K = tl.constexpr(SAFETY)

@@ -27,9 +27,8 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .codebook_bound import candidate_threshold
+from .codebook_bound import COSINE_EPS, candidate_threshold
 
-COSINE_EPS = 1e-8
 _COSINE_EPS_K = tl.constexpr(COSINE_EPS)  # the same, readable inside kernels
 SPLIT_CODES = 512           # codes per chunk of a flagged row's exact scan (at least)
 SPLIT_ROWS = 8              # flagged rows that share each code tile of a large codebook
