@@ -31,8 +31,10 @@ def codebook_search(x: torch.Tensor, codebook: torch.Tensor, k: int = 1, *, metr
     Precision: exact. ``idx`` are the indices that float64 distances of the given inputs rank
     first (ties to the lowest index), whatever the input dtype: a tensor-core / BLAS pass with
     a proven error bound keeps every code that can still be among the k best, and those are
-    ranked in float64. ``dist`` is the float64 distance rounded to float32. ``dist`` is
-    differentiable w.r.t. x and codebook through the chosen codes (deterministic gradient).
+    ranked in float64. For cosine, float64 gives 1 - <x, c> / (|x| |c|) only to about
+    (2 D + 4) * 2**-53: codes nearer than that (a copy of x and a code one fp32 ulp from it)
+    tie for float64 too, and either may come first. ``dist`` is the float64 distance rounded
+    to float32. ``dist`` is differentiable w.r.t. x and codebook through the chosen codes (deterministic gradient).
 
     Example::
 
