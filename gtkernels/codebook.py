@@ -34,7 +34,8 @@ def codebook_search(x: torch.Tensor, codebook: torch.Tensor, k: int = 1, *, metr
     ranked in float64. For cosine, float64 gives 1 - <x, c> / (|x| |c|) only to about
     (2 D + 4) * 2**-53: codes nearer than that (a copy of x and a code one fp32 ulp from it)
     tie for float64 too, and either may come first. ``dist`` is the float64 distance rounded
-    to float32. ``dist`` is differentiable w.r.t. x and codebook through the chosen codes (deterministic gradient).
+    to float32. ``dist`` is differentiable w.r.t. x and codebook through the chosen codes
+    (deterministic gradient).
 
     Example::
 
