@@ -36,9 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.codebook import COSINE_EPS
 from . import interpreting
 from ._common import autotune
-from .codebook_bound import COSINE_EPS, candidate_threshold, packed_bias, score_bound
+from .codebook_bound import candidate_threshold, packed_bias, score_bound
 from .codebook_exact import rerank_and_fallback
 from .codebook_operands import UNIT, scan_operands
 from .norms import row_sq_norms

@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.codebook import COSINE_EPS
 from . import interpreting
-from .codebook_bound import COSINE_EPS, candidate_threshold
+from .codebook_bound import candidate_threshold
 
 _COSINE_EPS_K = tl.constexpr(COSINE_EPS)  # the same, readable inside kernels
 SPLIT_CODES = 512           # codes per chunk of a flagged row's exact scan (at least)
