@@ -358,6 +358,56 @@ def test_triton_exact_fallback_on_every_row(metric, k, batch, monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("metric,k", [("l2", 1), ("cosine", 3)])
+def test_triton_lane_walk_on_every_row(metric, k):
+    """Every row flagged FLAG_LANES with its exact k best among its candidate codes: the
+    float64 walk of those codes' lanes (code % 8) alone gives the result; two
+    sub-codebooks, near ties."""
+    from gtkernels.triton import codebook_exact
+    from gtkernels.triton.codebook import METRIC_IDS
+
+    device = triton_device()
+    x, codebook = near_tie_codebook(21, 101, 9, torch.float32, device)
+    x3 = torch.stack([x, x.flip(0)], 1)                       # [21, 2, 9]: 42 rows
+    cb3 = torch.stack([codebook, codebook.flip(0)])
+    _, want = ref.codebook_search(x3.cpu(), cb3.cpu(), k, metric)
+    cand = torch.full((21, 2, 16), -1, dtype=torch.int32)
+    cand[..., :k] = want.to(torch.int32)
+    cand[..., k] = 5                                          # one more lane
+    flag = torch.full((21, 2), codebook_exact.FLAG_LANES, device=device, dtype=torch.int8)
+    dist = torch.empty((21, 2, k), device=device)
+    idx = torch.empty((21, 2, k), device=device, dtype=torch.int64)
+    codebook_exact.rerank_and_fallback(x3, cb3, cand.to(device), flag, dist, idx, k,
+                                       METRIC_IDS[metric], (*x3.stride(), *cb3.stride()),
+                                       lanes=8)
+    assert_search_exact(x3, cb3, k, metric, dist, idx)
+
+
+@needs_triton
+def test_triton_search_lane_collision_walks_the_lane(monkeypatch):
+    """Two copies of the nearest code in one lane of the interleaved scan (k = 2, 64 lanes
+    in the interpreter): the row is flagged FLAG_LANES and its lanes' walk is exact."""
+    from gtkernels.triton import codebook as cbm
+    from gtkernels.triton.codebook_exact import FLAG_LANES
+
+    flags, rerank = [], cbm.rerank_and_fallback
+
+    def spy(x3, cb3, cand, flag, *rest):
+        flags.append(flag.clone())  # as the scan left it
+        return rerank(x3, cb3, cand, flag, *rest)
+
+    monkeypatch.setattr(cbm, "rerank_and_fallback", spy)
+    device = triton_device()
+    codebook = torch.randn(300, 6, device=device)
+    codebook[5 + 64] = codebook[5].clone()                    # lane 5 of 64
+    x = torch.cat([codebook[5:6] + 1e-3 * torch.randn(4, 6, device=device),
+                   torch.randn(4, 6, device=device)])
+    dist, idx = cbm.codebook_search(x[:, None], codebook[None], 2, "l2")
+    assert bool((flags[0][:4] == FLAG_LANES).all())
+    assert_search_exact(x, codebook, 2, "l2", dist[:, 0], idx[:, 0])
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("dim", [8, 37])  # fp16 pairs (D <= 21), one fp16 term
 def test_triton_scan_operands_bound_their_dots(dtype, dim):

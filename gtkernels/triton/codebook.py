@@ -12,7 +12,9 @@
    end). With T = (k-th smallest lane best) + 2 eps, every code of the exact top-k has
    s_j <= T (k codes have true distance <= their s + eps <= k-th + eps). If the row's
    runner-up > T, the lane bests with s <= T are all the candidates, compacted into CAND
-   slots; otherwise (or with more than CAND candidates) the row is flagged. LANES is 32-128
+   slots; otherwise those codes still lie in the candidates' lanes, and the row is flagged
+   for an exact walk of those lanes (FLAG_LANES), or with more than CAND candidates for
+   the exact scan of all codes (FLAG_ALL). LANES is 32-128
    (128 for k > 16). Cheap per-code updates: only the last tile is masked; the runner-up is
    (best + s) - new best (two fp32 adds, their rounding <= 4 u max(|lowest|, |T|) is added to
    the flag test). Packed scan (l2, D < padded D): the spare dimension D carries a per-row
@@ -40,12 +42,13 @@ from ..reference.codebook import COSINE_EPS
 from . import interpreting
 from ._common import autotune
 from .codebook_bound import candidate_threshold, packed_bias, score_bound
-from .codebook_exact import rerank_and_fallback
+from .codebook_exact import FLAG_ALL, FLAG_LANES, rerank_and_fallback
 from .codebook_operands import UNIT, scan_operands
 from .norms import row_sq_norms
 
 METRIC_IDS = {"l2": 0, "ip": 1, "cosine": 2}
 UNIT_K = tl.constexpr(UNIT)
+FLAG_ALL_K, FLAG_LANES_K = tl.constexpr(FLAG_ALL), tl.constexpr(FLAG_LANES)
 TRUNCATION_REL = tl.constexpr(2.0 ** -22)  # 2 x the relative error of one unit in the last place
 
 
@@ -207,7 +210,10 @@ def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, bias_ptr, eps_ptr, cand_pt
                               cand_ptr + (rows.to(tl.int64) * G + g) * CAND, CAND, BLOCK_N)
     # The runner-up's two roundings err by at most 4 u max(|lowest|, |threshold|).
     runner_slack = 4.0 * UNIT_K * tl.maximum(tl.abs(tl.min(best, axis=1)), tl.abs(threshold))
-    flag = (tl.min(runner_up, axis=1) <= threshold + runner_slack) | (count > CAND)
+    # A lane with two codes within the threshold: the candidates' lanes still hold every code
+    # that can be among the k best (FLAG_LANES); more candidates than slots: FLAG_ALL.
+    crowded = tl.min(runner_up, axis=1) <= threshold + runner_slack
+    flag = tl.where(count > CAND, FLAG_ALL_K, tl.where(crowded, FLAG_LANES_K, 0))
     tl.store(flag_ptr + rows * G + g, flag.to(tl.int8), mask=row_mask)
 
 
@@ -338,15 +344,15 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
     cand = torch.empty((num_rows, num_groups, cand_slots), device=x3.device, dtype=torch.int32)
     flag = torch.empty((num_rows, num_groups), device=x3.device, dtype=torch.int8)
     metric_id = METRIC_IDS[metric]
-    chunk = None
+    chunk, lanes = None, 0
     if k == 1 and metric != "cosine" and d_pad <= CHUNK_MAX_DIM:
         terms = nterm if metric == "l2" else torch.zeros_like(nterm)
         length = _launch_chunk_scan(xs, cs, terms, factor, eps, cand, flag, d_pad)
         chunk = (length, terms, eps)
     else:
-        _launch_scan(x3, xs, cs, x_sq, nterm, factor, eps, cand, flag, metric, k, d_pad)
+        lanes = _launch_scan(x3, xs, cs, x_sq, nterm, factor, eps, cand, flag, metric, k, d_pad)
     rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id,
-                        (*x3.stride(), *cb3.stride()), chunk)
+                        (*x3.stride(), *cb3.stride()), chunk, lanes)
     return dist, idx
 
 
@@ -370,7 +376,7 @@ def _launch_chunk_scan(xs, cs, terms, factor, eps, cand, flag, d_pad):
 
 def _launch_scan(x3, xs, cs, x_sq, nterm, factor, eps, cand, flag, metric, k, d_pad):
     """Every other search: ``_scan_kernel`` (lanes interleaved, best, index and runner-up
-    per lane) writes candidate codes to cand and flags."""
+    per lane) writes candidate codes to cand and flags; returns its number of lanes."""
     num_rows, num_groups, op_dim = xs.shape
     # Packed scores (the tile number in the low bits: one min per code for best and index)
     # where the spare dimension can carry the bias that keeps them small: l2, D < padded D,
@@ -387,12 +393,13 @@ def _launch_scan(x3, xs, cs, x_sq, nterm, factor, eps, cand, flag, metric, k, d_
     options = dict(METRIC=METRIC_IDS[metric], K_SEL=k, DOT_DTYPE=_dot_dtype(xs.dtype),
                    CAND=cand.shape[-1], D_PAD=d_pad, PACK=pack, FULL_D=pack or op_dim == d_pad)
     if interpreting():  # one small configuration: the interpreter is slow
+        lanes = 64 if k <= 16 else 128
         _scan_kernel[(triton.cdiv(num_rows, 16), num_groups)](
-            *args, **options, PRECISION="ieee", BLOCK_N=16, BLOCK_D=16,
-            LANES_=64 if k <= 16 else 128)
-    else:
-        grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]), num_groups)  # noqa: E731
-        _scan_kernel_tuned[grid](*args, **options, PRECISION="ieee")
+            *args, **options, PRECISION="ieee", BLOCK_N=16, BLOCK_D=16, LANES_=lanes)
+        return lanes
+    grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]), num_groups)  # noqa: E731
+    _scan_kernel_tuned[grid](*args, **options, PRECISION="ieee")
+    return _scan_kernel_tuned.best_config.kwargs["LANES_"]
 
 
 # Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed).

@@ -6,14 +6,16 @@
   the row's nearest code over the chunks of codes those lanes own (fp32 scores first, float64
   for the codes within the bound of the lowest; rows where that is not one code per tile
   position are flagged).
-- Flagged rows take an exact float64 scan of all codes, split over the codebook so that a
-  few flagged rows do not serialise on one program each: the re-rank kernels list them on
-  the device (no host synchronisation), ``_split_topk_kernel`` has a fixed set of programs walk
-  the (batch of flagged rows, code chunk) items and write each chunk's k best per row (a
-  batch shares every code tile it loads: 8 rows where the codebook exceeds half the L2
-  cache, else 1), and
-  ``_merge_topk_kernel`` merges a row's chunks. Ties go to the lowest index everywhere, so the
-  result does not depend on the split.
+- ``_lane_topk_kernel``: rows whose candidates' lanes hold more than one code within the
+  bound (FLAG_LANES): the k best in float64 among all codes of those lanes.
+- Rows flagged FLAG_ALL (more candidates than slots) take an exact float64 scan of all
+  codes, split over the codebook so that a few such rows do not serialise on one program
+  each: the re-rank kernels list them on the device (no host synchronisation),
+  ``_split_topk_kernel`` has a fixed set of programs walk the (batch of rows, code chunk)
+  items and write each chunk's k best per row (a batch shares every code tile it loads: 8
+  rows where the codebook exceeds half the L2 cache, else 1), and ``_merge_topk_kernel``
+  merges a row's chunks. Ties go to the lowest index everywhere, so the result does not
+  depend on the split.
 
 The float64 kernels launch with ``enable_fp_fusion=False``: with fma contraction a sum of
 squares rounds differently depending on which product the compiler fuses, and on sm_90 it fused
@@ -35,6 +37,9 @@ SPLIT_CODES = 512           # codes per chunk of a flagged row's exact scan (at 
 SPLIT_ROWS = 8              # flagged rows that share each code tile of a large codebook
 PARTIALS_BYTES = 64 << 20   # bound on the chunk results kept for the merge
 CHUNK_ROWS = 8              # rows per program of the chunk search's exact stage
+FLAG_ALL = 1                # flag values: the exact scan of all codes,
+FLAG_LANES = 2              # or of every code of the candidates' lanes (interleaved scan)
+_FLAG_ALL_K, _FLAG_LANES_K = tl.constexpr(FLAG_ALL), tl.constexpr(FLAG_LANES)
 
 
 @triton.jit
@@ -83,11 +88,14 @@ def _rerank_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, order_ptr, count_ptr, dist_
                    NG, G, K, D, sxn, sxg, sxd, scg, sck, scd,
                    METRIC: tl.constexpr, K_SEL: tl.constexpr, CAND: tl.constexpr,
                    ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows with flag 0: the k best of their candidate codes. Flagged rows are listed:
+    FLAG_ALL in order_ptr / count_ptr[0], FLAG_LANES in order_ptr + NG / count_ptr[1]."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # over N * G
     live = (rows < NG)
-    flagged = live & (tl.load(flag_ptr + rows, mask=live, other=0) != 0)
-    _append_flagged(rows, flagged, order_ptr, count_ptr)
-    live = live & ~flagged
+    flag = tl.load(flag_ptr + rows, mask=live, other=0)
+    _append_flagged(rows, live & (flag == _FLAG_ALL_K), order_ptr, count_ptr)
+    _append_flagged(rows, live & (flag == _FLAG_LANES_K), order_ptr + NG, count_ptr + 1)
+    live = live & (flag == 0)
     g = rows % G
     codes = tl.load(cand_ptr + rows[:, None] * CAND + tl.arange(0, CAND)[None, :],
                     mask=live[:, None], other=-1)
@@ -170,6 +178,56 @@ def _chunk_exact_kernel(x_ptr, c_ptr, terms_ptr, eps_ptr, cand_ptr, flag_ptr, or
 
 
 @triton.jit
+def _fold_next(d, codes, valid, prev_d, prev_j, best_d, best_j, K):
+    """Folds distances d [R, C] of codes [R, C] into each row's (best_d, best_j) [R]: the
+    lexicographically smallest (distance, index) after (prev_d, prev_j)."""
+    after = valid & ((d > prev_d[:, None]) | ((d == prev_d[:, None]) & (codes > prev_j[:, None])))
+    d = tl.where(after, d, float("inf"))
+    m = tl.min(d, axis=1)
+    j = tl.min(tl.where(after & (d == m[:, None]), codes, K), axis=1)
+    take = (m < best_d) | ((m == best_d) & (j < best_j))
+    return tl.where(take, m, best_d), tl.where(take, j, best_j)
+
+
+@triton.jit
+def _lane_topk_kernel(x_ptr, c_ptr, cand_ptr, order_ptr, count_ptr, dist_ptr, idx_ptr, G, K, D,
+                      lanes, sxn, sxg, sxd, scg, sck, scd, METRIC: tl.constexpr,
+                      K_SEL: tl.constexpr, CAND: tl.constexpr, BLOCK: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """Rows flagged FLAG_LANES (order[:count]): their K_SEL best codes, exactly, among all
+    codes of their candidates' lanes (code j sits in lane j % lanes: the codes lane,
+    lane + lanes, ...), each found as the lexicographically next (dist, index) after the
+    previous one. One row per program at a time."""
+    offs = tl.arange(0, BLOCK)
+    per_lane = tl.cdiv(K, lanes)
+    one = tl.full([1], 0, dtype=tl.int64)  # [1]-shaped row tensors
+    for slot in range(tl.program_id(0), tl.load(count_ptr), tl.num_programs(0)):
+        row = tl.load(order_ptr + slot)
+        g = row % G
+        x_row = x_ptr + (row // G) * sxn + g * sxg + one
+        c_row = c_ptr + g * scg + one
+        prev_d = tl.full([1], float("-inf"), dtype=tl.float64)
+        prev_j = tl.full([1], -1, dtype=tl.int32)
+        for t in range(K_SEL):
+            best_d = tl.full([1], float("inf"), dtype=tl.float64)
+            best_j = tl.full([1], K, dtype=tl.int32)
+            for s in range(CAND):
+                code = tl.load(cand_ptr + row * CAND + s)
+                lane = tl.maximum(code, 0) % lanes
+                for i0 in range(0, tl.where(code >= 0, per_lane, 0), BLOCK):
+                    codes = (lane + (i0 + offs) * lanes)[None, :]
+                    valid = codes < K
+                    d = _exact_distances(x_row, one == 0, c_row, codes, valid, D, sxd, sck, scd,
+                                         METRIC, BLOCK_D)
+                    best_d, best_j = _fold_next(d, codes, valid, prev_d, prev_j, best_d,
+                                                best_j, K)
+            tl.store(dist_ptr + row * K_SEL + t + one, best_d)
+            tl.store(idx_ptr + row * K_SEL + t + one, best_j.to(tl.int64))
+            prev_d = best_d
+            prev_j = best_j
+
+
+@triton.jit
 def _split_topk_kernel(x_ptr, c_ptr, order_ptr, count_ptr, part_d_ptr, part_i_ptr,
                        G, K, D, sxn, sxg, sxd, scg, sck, scd, num_splits, split_codes,
                        METRIC: tl.constexpr, K_SEL: tl.constexpr, ROWS: tl.constexpr,
@@ -199,14 +257,7 @@ def _split_topk_kernel(x_ptr, c_ptr, order_ptr, count_ptr, part_d_ptr, part_i_pt
                 valid = codes < hi
                 d = _exact_distances(x_rows, row_ok, c_rows, codes, valid, D, sxd, sck, scd,
                                      METRIC, BLOCK_D)
-                after = valid & ((d > prev_d[:, None])
-                                 | ((d == prev_d[:, None]) & (codes > prev_j[:, None])))
-                d = tl.where(after, d, float("inf"))
-                m = tl.min(d, axis=1)
-                j = tl.min(tl.where(after & (d == m[:, None]), codes, K), axis=1)
-                take = (m < best_d) | ((m == best_d) & (j < best_j))
-                best_d = tl.where(take, m, best_d)
-                best_j = tl.where(take, j, best_j)
+                best_d, best_j = _fold_next(d, codes, valid, prev_d, prev_j, best_d, best_j, K)
             out = ((slots * num_splits + item % num_splits) * K_SEL + t).to(tl.int64)
             tl.store(part_d_ptr + out, best_d, mask=row_ok)
             tl.store(part_i_ptr + out, best_j.to(tl.int64), mask=row_ok)
@@ -262,10 +313,12 @@ def _num_programs(device):
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides, chunk=None):
-    """Fills dist, idx [N, G, k] from the scan's candidates; flagged rows get the exact scan.
-    The candidates are codes, or with chunk = (length, terms [G, K], eps [N, G]) from the
-    chunk scan (k = 1) lanes whose chunks of `length` codes hold them."""
+def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides, chunk=None,
+                        lanes=0):
+    """Fills dist, idx [N, G, k] from the scan's candidates; flagged rows get an exact walk.
+    The candidates are codes (the interleaved scan with `lanes` lanes), or with
+    chunk = (length, terms [G, K], eps [N, G]) from the chunk scan (k = 1) lanes whose
+    chunks of `length` codes hold them."""
     num_rows, num_groups, dim = x3.shape
     num_codes = cb3.shape[1]
     rows = num_rows * num_groups
@@ -273,8 +326,9 @@ def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides, c
     # [rows, CAND or BLOCK, BLOCK_D] float64 tiles of 2048 values: no register spills
     # (ptxas, sm_90a).
     block_d = min(16, triton.next_power_of_2(dim))
-    order = torch.empty(rows, device=x3.device, dtype=torch.int64)   # the flagged rows
-    count = torch.zeros(1, device=x3.device, dtype=torch.int64)
+    order = torch.empty(2 * rows, device=x3.device, dtype=torch.int64)  # the flagged rows
+    counts = torch.zeros(2, device=x3.device, dtype=torch.int64)  # FLAG_ALL, FLAG_LANES
+    count = counts[:1]
     if chunk is not None:
         length, terms, eps = chunk
         d_pad = triton.next_power_of_2(dim)
@@ -286,9 +340,14 @@ def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides, c
     else:
         rerank_rows = max(1, 128 // cand_slots)
         _rerank_kernel[(triton.cdiv(rows, rerank_rows),)](
-            x3, cb3, cand, flag, order, count, dist, idx, rows, num_groups, num_codes, dim,
+            x3, cb3, cand, flag, order, counts, dist, idx, rows, num_groups, num_codes, dim,
             *strides, METRIC=metric_id, K_SEL=k, CAND=cand_slots, ROWS=rerank_rows,
             BLOCK_D=block_d, num_warps=4, enable_fp_fusion=False)
+        if lanes:  # rows flagged FLAG_LANES (none without the scan's lane count)
+            _lane_topk_kernel[(_num_programs(x3.device),)](
+                x3, cb3, cand, order[rows:], counts[1:], dist, idx, num_groups, num_codes, dim,
+                lanes, *strides, METRIC=metric_id, K_SEL=k, CAND=cand_slots,
+                BLOCK=2048 // block_d, BLOCK_D=block_d, num_warps=4, enable_fp_fusion=False)
     # Chunks of SPLIT_CODES codes, fewer where every row's k results per chunk would not fit.
     max_splits = max(1, PARTIALS_BYTES // (16 * k * rows))
     num_splits = min(triton.cdiv(num_codes, SPLIT_CODES), max_splits)
@@ -324,6 +383,10 @@ COMPILE_CASES = [
     ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, ROWS=1, BLOCK=128, BLOCK_D=16), _TYPES,
      _NO_FMA),
     ("_split_topk_kernel", dict(METRIC=2, K_SEL=4, ROWS=8, BLOCK=32, BLOCK_D=8), _TYPES,
+     _NO_FMA),
+    ("_lane_topk_kernel", dict(METRIC=0, K_SEL=1, CAND=16, BLOCK=128, BLOCK_D=16), _TYPES,
+     _NO_FMA),
+    ("_lane_topk_kernel", dict(METRIC=2, K_SEL=4, CAND=16, BLOCK=256, BLOCK_D=8), _TYPES,
      _NO_FMA),
     ("_merge_topk_kernel", dict(K_SEL=1, BLOCK=128), _TYPES),
     ("_merge_topk_kernel", dict(K_SEL=8, BLOCK=128), _TYPES),
