@@ -1,7 +1,8 @@
 """The float64 stages of the exact codebook search (after the tensor-core scan of codebook.py).
 
-- ``_rerank_kernel``: float64 distances of a row's candidate codes, the k smallest (ties to
-  the lowest index), ROWS rows per program. Rows the scan flagged are skipped (and listed).
+- ``_rerank_kernel``: float64 distances of a row's candidate codes (one candidate slot at a
+  time, for the slots in use), the k smallest (ties to the lowest index), ROWS rows per
+  program. Rows the scan flagged are skipped (and listed).
 - ``_chunk_exact_kernel``: the same for the chunk scan (k = 1), whose candidates are lanes:
   the row's nearest code over the chunks of codes those lanes own (fp32 scores first, float64
   for the codes within the bound of the lowest; rows where that is not one code per tile
@@ -97,12 +98,21 @@ def _rerank_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, order_ptr, count_ptr, dist_
     _append_flagged(rows, live & (flag == _FLAG_LANES_K), order_ptr + NG, count_ptr + 1)
     live = live & (flag == 0)
     g = rows % G
-    codes = tl.load(cand_ptr + rows[:, None] * CAND + tl.arange(0, CAND)[None, :],
-                    mask=live[:, None], other=-1)
-    valid = codes >= 0
-    codes = tl.where(valid, codes, 0)
-    d = _exact_distances(x_ptr + (rows // G) * sxn + g * sxg, live, c_ptr + g * scg, codes,
-                         valid, D, sxd, sck, scd, METRIC, BLOCK_D)
+    x_rows = x_ptr + (rows // G) * sxn + g * sxg
+    c_rows = c_ptr + g * scg
+    slots = tl.arange(0, CAND)
+    codes = tl.load(cand_ptr + rows[:, None] * CAND + slots[None, :], mask=live[:, None],
+                    other=-1)
+    count = tl.sum((codes >= 0).to(tl.int32), axis=1)  # the candidates fill the first slots
+    codes = tl.where(codes >= 0, codes, K)
+    # One candidate slot at a time, up to the block's largest count (most rows hold one or
+    # two candidates of CAND slots): float64 work for the slots in use only.
+    d = tl.full([ROWS, CAND], float("inf"), dtype=tl.float64)
+    for s in range(tl.max(count, axis=0)):
+        code = tl.load(cand_ptr + rows * CAND + s, mask=live & (s < count), other=-1)
+        ds = _exact_distances(x_rows, live, c_rows, tl.maximum(code, 0)[:, None],
+                              (code >= 0)[:, None], D, sxd, sck, scd, METRIC, BLOCK_D)
+        d = tl.where(slots[None, :] == s, ds, d)
     for t in tl.static_range(K_SEL):
         m = tl.min(d, axis=1)
         j = tl.min(tl.where(d == m[:, None], codes, K), axis=1)
@@ -323,8 +333,7 @@ def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides, c
     num_codes = cb3.shape[1]
     rows = num_rows * num_groups
     cand_slots = cand.shape[-1]
-    # [rows, CAND or BLOCK, BLOCK_D] float64 tiles of 2048 values: no register spills
-    # (ptxas, sm_90a).
+    # float64 tiles of at most 2048 values: no register spills (ptxas, sm_90a).
     block_d = min(16, triton.next_power_of_2(dim))
     order = torch.empty(2 * rows, device=x3.device, dtype=torch.int64)  # the flagged rows
     counts = torch.zeros(2, device=x3.device, dtype=torch.int64)  # FLAG_ALL, FLAG_LANES
@@ -338,7 +347,7 @@ def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides, c
             BLOCK=2048 // (CHUNK_ROWS * d_pad), D_PAD=d_pad, BLOCK_D=block_d, num_warps=4,
             enable_fp_fusion=False)
     else:
-        rerank_rows = max(1, 128 // cand_slots)
+        rerank_rows = 16  # [16, CAND <= 128] float64 distances: 154 registers (ptxas, sm_90a)
         _rerank_kernel[(triton.cdiv(rows, rerank_rows),)](
             x3, cb3, cand, flag, order, counts, dist, idx, rows, num_groups, num_codes, dim,
             *strides, METRIC=metric_id, K_SEL=k, CAND=cand_slots, ROWS=rerank_rows,
@@ -370,9 +379,9 @@ _TYPES = {"x_ptr": "*fp32", "c_ptr": "*fp32", "cand_ptr": "*i32", "flag_ptr": "*
           "part_d_ptr": "*fp64", "part_i_ptr": "*i64"}
 _NO_FMA = {"enable_fp_fusion": False}
 COMPILE_CASES = [
-    ("_rerank_kernel", dict(METRIC=0, K_SEL=1, CAND=16, ROWS=8, BLOCK_D=16), _TYPES, _NO_FMA),
+    ("_rerank_kernel", dict(METRIC=0, K_SEL=1, CAND=16, ROWS=16, BLOCK_D=16), _TYPES, _NO_FMA),
     # Unit strides as the JIT specialises them: the tile layout that fused unevenly (k = 8).
-    ("_rerank_kernel", dict(METRIC=0, K_SEL=8, CAND=16, ROWS=8, BLOCK_D=16, sxd=1, scd=1),
+    ("_rerank_kernel", dict(METRIC=0, K_SEL=8, CAND=16, ROWS=16, BLOCK_D=16, sxd=1, scd=1),
      _TYPES, _NO_FMA),
     ("_chunk_exact_kernel", dict(METRIC=0, CAND=16, ROWS=8, BLOCK=32, D_PAD=8, BLOCK_D=8),
      dict(_TYPES, x_ptr="*bf16", c_ptr="*bf16", terms_ptr="*fp32", eps_ptr="*fp32"), _NO_FMA),
