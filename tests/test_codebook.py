@@ -507,17 +507,26 @@ def test_triton_search_backward(metric):
 
 
 @needs_triton
-@pytest.mark.parametrize("metric,row_chunk,code_chunk", [
-    ("l2", 1024, 2048),  # one program, 3 row blocks (16 in the interpreter)
-    ("ip", 1024, 2048),
-    ("l2", 32, 32),      # 2 x 2 programs, last chunks partial (5 rows, 18 codes)
-    ("ip", 24, 16)])     # chunks that are not whole blocks: 2 x 4 programs
+@pytest.mark.parametrize("metric,backward,sizes", [
+    # fused: one program, 3 row blocks (16 in the interpreter)
+    ("l2", "fused", dict(ROW_CHUNK=1024, CODE_CHUNK=2048)),
+    ("ip", "fused", dict(ROW_CHUNK=1024, CODE_CHUNK=2048)),
+    # 2 x 2 programs, last chunks partial (5 rows, 18 codes)
+    ("l2", "fused", dict(ROW_CHUNK=32, CODE_CHUNK=32)),
+    # chunks that are not whole blocks: 2 x 4 programs
+    ("ip", "fused", dict(ROW_CHUNK=24, CODE_CHUNK=16)),
+    # split: the code pass over 3 row splits (the last of 5 rows), or one
+    ("l2", "split", dict(SPLIT_MULTIPLE=16, CODE_PROGRAMS=4096)),
+    ("ip", "split", dict(SPLIT_MULTIPLE=16, CODE_PROGRAMS=4096)),
+    ("l2", "split", dict(SPLIT_MULTIPLE=128))])
 @pytest.mark.parametrize("mask", [(True, True, True), (True, False, True), (False, True, False)])
-def test_triton_distill(metric, row_chunk, code_chunk, mask, monkeypatch):
-    from gtkernels.triton import code_distill
+def test_triton_distill(metric, backward, sizes, mask, monkeypatch):
+    from gtkernels.triton import code_distill, code_distill_split
 
-    monkeypatch.setattr(code_distill, "ROW_CHUNK", row_chunk)
-    monkeypatch.setattr(code_distill, "CODE_CHUNK", code_chunk)
+    monkeypatch.setattr(code_distill, "BACKWARD", backward)
+    for name, value in sizes.items():
+        monkeypatch.setattr(code_distill if backward == "fused" else code_distill_split, name,
+                            value)
     device = triton_device()
     s, t, c = (torch.randn(n, 12, device=device) for n in (37, 37, 50))
     kl, stats = code_distill.code_distill_loss(s, t, c, 0.7, metric)
@@ -539,6 +548,37 @@ def test_triton_distill(metric, row_chunk, code_chunk, mask, monkeypatch):
         assert_within_tolerance(g.cpu(), w, base, name=name)
     again = code_distill.code_distill_loss_backward(grad, s, t, c, stats, 0.7, metric, list(mask))
     assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+    from gtkernels.triton.code_distill_common import split_tf32
+
+    @triton.jit
+    def _split_tf32_kernel(x_ptr, hi_ptr, lo_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        hi, lo = split_tf32(tl.load(x_ptr + offs, mask=offs < n), "tf32")
+        tl.store(hi_ptr + offs, hi, mask=offs < n)
+        tl.store(lo_ptr + offs, lo, mask=offs < n)
+
+
+@needs_triton
+def test_triton_split_tf32_matches_host(monkeypatch):
+    """The kernels' tf32 split (bit rounding, run by the interpreter) and the host's give the
+    same (hi, lo): hi has tf32's 10 mantissa bits, hi + lo == x, |lo| <= half an ulp of hi."""
+    from gtkernels.triton import code_distill_common
+
+    x = torch.cat([torch.randn(200) * 10.0 ** torch.randint(-30, 30, (200,)),
+                   torch.tensor([0.0, -0.0, 1.0, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -12, -2.5e-38])])
+    x = x.to(triton_device())
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _split_tf32_kernel[(1,)](x, hi, lo, x.numel(), BLOCK=256)
+    assert not (hi.view(torch.int32) & 0x1FFF).any()
+    assert torch.equal(hi + lo, x)
+    assert (lo.abs() <= hi.abs() * 2.0 ** -11).all()
+    monkeypatch.setattr(code_distill_common, "interpreting", lambda: False)
+    assert torch.equal(code_distill_common.split_tf32_pairs(x), torch.stack([hi, lo]))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -591,7 +631,11 @@ def test_cuda_search_near_ties_grouped(dtype):
 
 
 @pytest.mark.gpu
-def test_cuda_distill_matches_cpu():
+@pytest.mark.parametrize("backward", ["fused", "split"])
+def test_cuda_distill_matches_cpu(backward, monkeypatch):
+    from gtkernels.triton import code_distill
+
+    monkeypatch.setattr(code_distill, "BACKWARD", backward)
     s, t, c = (torch.randn(n, 64, device="cuda") for n in (3000, 3000, 2000))
     inputs = [v.requires_grad_() for v in (s, t, c)]
     loss = gk.code_distill_loss(*inputs, temperature=0.5)

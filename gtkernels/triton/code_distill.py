@@ -10,45 +10,17 @@ grad_teacher likewise with ga, and grad_codebook_j = dot_scale sum_n (ga t_n + g
 - 2 norm_scale c_j sum_n (ga + gb). Its programs own (row chunk, code chunk) blocks and write
 fp32 partials per chunk ([code chunks, N, D] per row gradient, [row chunks, K, D] and
 [row chunks, K] for the codebook), each summed in a fixed order and added over the chunks by
-torch afterwards: deterministic without atomics.
+torch afterwards: deterministic without atomics. BACKWARD = "split" runs code_distill_split's two
+passes instead (more dots, but register accumulators and no read-modify-write).
 """
 import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
-from ._common import autotune
+from .code_distill_common import (launch, load_codes, load_rows, logit_grads, logits, row_stats,
+                                  tuned)
+from .code_distill_split import split_backward
 from .norms import row_sq_norms
-
-
-@triton.jit
-def _logits(rows_t, rows_s, codes, cn, dot_scale, norm_scale, PRECISION: tl.constexpr):
-    """rows [BN, DP] fp32, codes [BK, DP] fp32 -> teacher and student logits [BN, BK]."""
-    tdot = tl.dot(rows_t, tl.trans(codes), input_precision=PRECISION)
-    sdot = tl.dot(rows_s, tl.trans(codes), input_precision=PRECISION)
-    return dot_scale * tdot - norm_scale * cn[None, :], dot_scale * sdot - norm_scale * cn[None, :]
-
-
-@triton.jit
-def _load_rows(ptr, rows, mask_rows, cols, D):
-    return tl.load(ptr + rows[:, None].to(tl.int64) * D + cols[None, :],
-                   mask=mask_rows[:, None] & (cols[None, :] < D), other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_codes(c_ptr, cn_ptr, codes, valid, cols, D):
-    """Codes [BK, DP] fp32 and their squared norms [BK] (0 outside `valid`)."""
-    return (_load_rows(c_ptr, codes, valid, cols, D),
-            tl.load(cn_ptr + codes, mask=valid, other=0.0))
-
-
-@triton.jit
-def _row_stats(stats_ptr, grad_ptr, rows, row_mask):
-    """The forward's (lse_a, lse_b, E_p[a - b]) of rows [BN] and their upstream gradient."""
-    lse_a = tl.load(stats_ptr + rows * 3, mask=row_mask, other=0.0)
-    lse_b = tl.load(stats_ptr + rows * 3 + 1, mask=row_mask, other=0.0)
-    expected = tl.load(stats_ptr + rows * 3 + 2, mask=row_mask, other=0.0)
-    return lse_a, lse_b, expected, tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
 
 
 @triton.jit
@@ -58,8 +30,8 @@ def _forward_kernel(s_ptr, t_ptr, c_ptr, cn_ptr, kl_ptr, stats_ptr, N, K, D, dot
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     dcols = tl.arange(0, DP)
-    t = _load_rows(t_ptr, rows, row_mask, dcols, D)
-    s = _load_rows(s_ptr, rows, row_mask, dcols, D)
+    t = load_rows(t_ptr, rows, row_mask, dcols, D)
+    s = load_rows(s_ptr, rows, row_mask, dcols, D)
     max_a = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     max_b = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     sum_a = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -68,8 +40,8 @@ def _forward_kernel(s_ptr, t_ptr, c_ptr, cn_ptr, kl_ptr, stats_ptr, N, K, D, dot
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
         valid = codes < K
-        c, cn = _load_codes(c_ptr, cn_ptr, codes, valid, dcols, D)
-        a, b = _logits(t, s, c, cn, dot_scale, norm_scale, PRECISION)
+        c, cn = load_codes(c_ptr, cn_ptr, codes, valid, dcols, D)
+        a, b = logits(t, s, c, cn, dot_scale, norm_scale, PRECISION)
         diff = a - b
         a = tl.where(valid[None, :], a, float("-inf"))
         b = tl.where(valid[None, :], b, float("-inf"))
@@ -89,16 +61,6 @@ def _forward_kernel(s_ptr, t_ptr, c_ptr, cn_ptr, kl_ptr, stats_ptr, N, K, D, dot
     tl.store(stats_ptr + rows * 3, lse_a, mask=row_mask)
     tl.store(stats_ptr + rows * 3 + 1, lse_b, mask=row_mask)
     tl.store(stats_ptr + rows * 3 + 2, expected, mask=row_mask)
-
-
-@triton.jit
-def _logit_grads(a, b, lse_a, lse_b, expected, g, valid):
-    """(dKL/da, dKL/db) * g for a tile; zero outside `valid`."""
-    p = tl.exp(a - lse_a[:, None])
-    q = tl.exp(b - lse_b[:, None])
-    ga = g[:, None] * p * (a - b - expected[:, None])
-    gb = g[:, None] * (q - p)
-    return tl.where(valid, ga, 0.0), tl.where(valid, gb, 0.0)
 
 
 @triton.jit
@@ -148,18 +110,18 @@ def _backward_kernel(grad_ptr, s_ptr, t_ptr, c_ptr, cn_ptr, stats_ptr, gs_part_p
             tl.debug_barrier()
         rows = n0 + tl.arange(0, BLOCK_N)
         row_mask = rows < row_last
-        t = _load_rows(t_ptr, rows, row_mask, dcols, D)
-        s = _load_rows(s_ptr, rows, row_mask, dcols, D)
-        lse_a, lse_b, expected, g = _row_stats(stats_ptr, grad_ptr, rows, row_mask)
+        t = load_rows(t_ptr, rows, row_mask, dcols, D)
+        s = load_rows(s_ptr, rows, row_mask, dcols, D)
+        lse_a, lse_b, expected, g = row_stats(stats_ptr, grad_ptr, rows, row_mask)
         acc_s = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
         acc_t = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
         for k0 in range(code_first, code_last, BLOCK_K):
             codes = k0 + tl.arange(0, BLOCK_K)
             valid = codes < code_last
-            c, cn = _load_codes(c_ptr, cn_ptr, codes, valid, dcols, D)
-            a, b = _logits(t, s, c, cn, dot_scale, norm_scale, PRECISION)
-            ga, gb = _logit_grads(a, b, lse_a, lse_b, expected, g,
-                                  row_mask[:, None] & valid[None, :])
+            c, cn = load_codes(c_ptr, cn_ptr, codes, valid, dcols, D)
+            a, b = logits(t, s, c, cn, dot_scale, norm_scale, PRECISION)
+            ga, gb = logit_grads(a, b, lse_a[:, None], lse_b[:, None], expected[:, None],
+                                  g[:, None], row_mask[:, None] & valid[None, :])
             if NEED_S:
                 acc_s = tl.dot(gb, c, acc_s, input_precision=PRECISION)
             if NEED_T:
@@ -177,42 +139,15 @@ def _scales(temperature, metric):
     return (2.0 / temperature, 1.0 / temperature) if metric == "l2" else (1.0 / temperature, 0.0)
 
 
-def _prune_distill_configs(configs, named_args, **kwargs):
-    """The [rows, D] operands live in registers: smaller tiles as D grows."""
-    d_pad = max(16, triton.next_power_of_2(named_args["D"]))
-    limit = 128 if d_pad <= 64 else 64 if d_pad <= 128 else 32 if d_pad <= 256 else 16
-    keep = [c for c in configs if max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) <= limit]
-    return keep or [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-
-
-def _tuned(kernel, key, shapes):
-    """shapes: (BLOCK_N, BLOCK_K, warps, stages) to try."""
-    return autotune(
-        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                 for bn, bk, w, st in shapes],
-        key=key, prune_configs_by={"early_config_prune": _prune_distill_configs})(kernel)
-
-
-_forward_tuned = _tuned(_forward_kernel, ["D"], [
+_forward_tuned = tuned(_forward_kernel, ["D"], [
     (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2),
     (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)])
 # The fused backward holds more tiles at once: every shape hits 255 registers at D = 64 and
 # spills (sm_90 ptxas, KB per thread without the teacher: 64 x 64 x 4 warps 2.5, x 8 warps 1.6,
 # 64 x 32 0.8, 128 x 128 4.8), so 8-warp and narrower shapes are among those tried.
-_backward_tuned = _tuned(_backward_kernel, ["D", "NEED_S", "NEED_T", "NEED_C"], [
+_backward_tuned = tuned(_backward_kernel, ["D", "NEED_S", "NEED_T", "NEED_C"], [
     (64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 1), (128, 64, 8, 2), (64, 128, 8, 2),
     (64, 32, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)])
-
-
-def _launch(kernel, tuned, grid, *args, dim, **flags):
-    """Runs `kernel` over grid(meta) programs: autotuned on a GPU, one small configuration in the
-    interpreter. fp32 dots run as 3 tf32 passes (fp32-like accuracy)."""
-    d_pad = max(16, triton.next_power_of_2(dim))
-    if interpreting():
-        meta = dict(BLOCK_N=16, BLOCK_K=16)
-        kernel[grid(meta)](*args, PRECISION="ieee", DP=d_pad, **flags, **meta)
-    else:
-        tuned[grid](*args, PRECISION="tf32x3", DP=d_pad, **flags)
 
 
 def code_distill_loss(student, teacher, codebook, temperature, metric):
@@ -226,7 +161,7 @@ def code_distill_loss(student, teacher, codebook, temperature, metric):
         out_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
         return kl.to(out_dtype), stats.to(out_dtype)
     dot_scale, norm_scale = _scales(temperature, metric)
-    _launch(_forward_kernel, _forward_tuned,
+    launch(_forward_kernel, _forward_tuned,
             lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]),),
             s, t, c, row_sq_norms(c), kl, stats, num_rows, c.shape[0], dim, dot_scale,
             norm_scale, dim=dim)
@@ -274,20 +209,11 @@ def _chunks(num_rows, num_codes, dim, row_grads, codebook_grad):
     return rows, codes
 
 
-def code_distill_loss_backward(grad_row_kl, student, teacher, codebook, stats, temperature,
-                               metric, output_mask):
-    """-> (grad_student [N, D], grad_teacher [N, D], grad_codebook [K, D]), each of its input's
-    dtype where output_mask says so, else an empty [0]. One fused pass; its fp32 partials are
-    added over the chunks in chunk order (deterministic)."""
-    s, t, c = student.contiguous(), teacher.contiguous(), codebook.contiguous()
+def _fused_backward(grad, s, t, c, cn, stats, dot_scale, norm_scale, need_s, need_t, need_c):
+    """split_backward's contract, computed by the one fused kernel over (row chunk, code chunk)
+    programs; its fp32 partials are added over the chunks in chunk order (deterministic)."""
     num_rows, dim = s.shape
     num_codes = c.shape[0]
-    need_s, need_t, need_c = output_mask
-    if num_rows == 0 or not any(output_mask):
-        return (torch.empty_like(s) if need_s else s.new_empty(0),
-                torch.empty_like(t) if need_t else t.new_empty(0),
-                torch.zeros_like(c) if need_c else c.new_empty(0))
-    dot_scale, norm_scale = _scales(temperature, metric)
     rows, codes = _chunks(num_rows, num_codes, dim, need_s + need_t, need_c)
     row_chunks, code_chunks = triton.cdiv(num_rows, rows), triton.cdiv(num_codes, codes)
 
@@ -298,17 +224,43 @@ def code_distill_loss_backward(grad_row_kl, student, teacher, codebook, stats, t
     gt_part = partial(need_t, code_chunks, num_rows, dim)
     gc_part = partial(need_c, row_chunks, num_codes, dim)
     total = partial(need_c, row_chunks, num_codes)
-    _launch(_backward_kernel, _backward_tuned, lambda meta: (row_chunks, code_chunks),
-            grad_row_kl.float().contiguous(), s, t, c, row_sq_norms(c), stats.float().contiguous(),
-            gs_part, gt_part, gc_part, total, num_rows, num_codes, dim, dot_scale, norm_scale,
-            rows, codes, dim=dim, NEED_S=bool(need_s), NEED_T=bool(need_t),
-            NEED_C=bool(need_c))
+    launch(_backward_kernel, _backward_tuned, lambda meta: (row_chunks, code_chunks), grad, s, t,
+           c, cn, stats, gs_part, gt_part, gc_part, total, num_rows, num_codes, dim, dot_scale,
+           norm_scale, rows, codes, dim=dim, NEED_S=bool(need_s), NEED_T=bool(need_t),
+           NEED_C=bool(need_c))
+    return (gs_part.sum(0) if need_s else gs_part, gt_part.sum(0) if need_t else gt_part,
+            (gc_part.sum(0), total.sum(0)) if need_c else None)
+
+
+# Which backward runs: "fused" (one kernel, 5 dots per logit tile, code-side partials
+# read-modify-written per tile) or "split" (code_distill_split: two passes, 7 dots per tile,
+# register accumulators).
+BACKWARD = "fused"
+
+
+def code_distill_loss_backward(grad_row_kl, student, teacher, codebook, stats, temperature,
+                               metric, output_mask):
+    """-> (grad_student [N, D], grad_teacher [N, D], grad_codebook [K, D]), each of its input's
+    dtype where output_mask says so, else an empty [0]. Deterministic: fp32 partials are added
+    in a fixed order."""
+    s, t, c = student.contiguous(), teacher.contiguous(), codebook.contiguous()
+    need_s, need_t, need_c = output_mask
+    if s.shape[0] == 0 or not any(output_mask):
+        return (torch.empty_like(s) if need_s else s.new_empty(0),
+                torch.empty_like(t) if need_t else t.new_empty(0),
+                torch.zeros_like(c) if need_c else c.new_empty(0))
+    dot_scale, norm_scale = _scales(temperature, metric)
+    backward = split_backward if BACKWARD == "split" else _fused_backward
+    gs, gt, code_sums = backward(grad_row_kl.float().contiguous(), s, t, c, row_sq_norms(c),
+                                 stats.float().contiguous(), dot_scale, norm_scale, need_s,
+                                 need_t, need_c)
     grad_c = c.new_empty(0)
     if need_c:
-        grad_c = (dot_scale * gc_part.sum(0)
-                  - (2.0 * norm_scale) * total.sum(0)[:, None] * c.float()).to(c.dtype)
-    return (gs_part.sum(0).to(s.dtype) if need_s else s.new_empty(0),
-            gt_part.sum(0).to(t.dtype) if need_t else t.new_empty(0), grad_c)
+        weighted, total = code_sums
+        grad_c = dot_scale * weighted - (2.0 * norm_scale) * total[:, None] * c.float()
+        grad_c = grad_c.to(c.dtype)
+    return (gs.to(s.dtype) if need_s else s.new_empty(0),
+            gt.to(t.dtype) if need_t else t.new_empty(0), grad_c)
 
 
 # Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed).
