@@ -64,7 +64,17 @@ def split_tf32(x, PRECISION: tl.constexpr):
 @triton.jit
 def triple_dot(a_hi, a_lo, b_hi, b_lo, zero, PRECISION: tl.constexpr):
     """a b from split operands (split_tf32): three tf32 dots into `zero`, the small terms
-    first."""
+    first, in the order of Triton's tf32x3 (a_lo b_hi, a_hi b_lo, a_hi b_hi), so that logits
+    recomputed here round as the forward's did."""
+    small = tl.dot(a_hi, b_lo, tl.dot(a_lo, b_hi, zero, input_precision=PRECISION),
+                   input_precision=PRECISION)
+    return tl.dot(a_hi, b_hi, small, input_precision=PRECISION)
+
+
+@triton.jit
+def triple_dot_transposed(a_hi, a_lo, b_hi, b_lo, zero, PRECISION: tl.constexpr):
+    """triple_dot(b^T, a^T)^T term by term (a_hi b_lo first): transposed logits c t^T that
+    round as the forward's t c^T (same products in the same order on the tensor cores)."""
     small = tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo, zero, input_precision=PRECISION),
                    input_precision=PRECISION)
     return tl.dot(a_hi, b_hi, small, input_precision=PRECISION)

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .code_distill_common import (launch, load_codes, load_rows, logit_grads, row_stats,
                                   split_tf32, split_tf32_pairs, triple_dot, triple_dot_sum,
-                                  tuned)
+                                  triple_dot_transposed, tuned)
 
 
 @triton.jit
@@ -94,10 +94,10 @@ def _code_grads_kernel(grad_ptr, s_ptr, t_ptr, c2_ptr, cn_ptr, stats_ptr, part_p
         s_hi, s_lo = split_tf32(load_rows(s_ptr, rows, row_mask, dcols, D), PRECISION)
         lse_a, lse_b, expected, g = row_stats(stats_ptr, grad_ptr, rows, row_mask)
         # Transposed logits [BLOCK_K, BLOCK_N]: a^T = dot_scale c t^T - norm_scale ||c||^2.
-        a = dot_scale * triple_dot(c_hi, c_lo, tl.trans(t_hi), tl.trans(t_lo), zero,
-                                   PRECISION) - norm
-        b = dot_scale * triple_dot(c_hi, c_lo, tl.trans(s_hi), tl.trans(s_lo), zero,
-                                   PRECISION) - norm
+        a = dot_scale * triple_dot_transposed(c_hi, c_lo, tl.trans(t_hi), tl.trans(t_lo), zero,
+                                              PRECISION) - norm
+        b = dot_scale * triple_dot_transposed(c_hi, c_lo, tl.trans(s_hi), tl.trans(s_lo), zero,
+                                              PRECISION) - norm
         ga, gb = logit_grads(a, b, lse_a[None, :], lse_b[None, :], expected[None, :],
                              g[None, :], valid[:, None] & row_mask[None, :])
         ga_hi, ga_lo = split_tf32(ga, PRECISION)
