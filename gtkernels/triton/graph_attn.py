@@ -52,6 +52,35 @@ def _segment_bounds(indptr, seg_row, seg_count, seg_end, part_end, num_rows, num
 
 
 @triton.jit
+def _head_offsets(H, D, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(hs [BH], head_ok [BH], hd [1, BH, BD], hd_ok [1, BH, BD]): head ids and the offsets of
+    (head, dim) inside a contiguous [H, D] row, with their masks."""
+    hs = tl.arange(0, BLOCK_H)
+    ds = tl.arange(0, BLOCK_D)
+    head_ok = hs < H
+    hd = (hs[:, None] * D + ds[None, :])[None, :, :]
+    hd_ok = (head_ok[:, None] & (ds[None, :] < D))[None, :, :]
+    return hs, head_ok, hd, hd_ok
+
+
+@triton.jit
+def _edge_key_value(k, v, edge_attr, j, e, on, hd, hd_ok, stride_kv, H, D,
+                    HAS_ATTR: tl.constexpr):
+    """k_j, v_j [BS, BH, BD] fp32 of sources j [BS] (int64) on edges e where `on`, plus the
+    edge features edge_attr[e] with HAS_ATTR."""
+    kv_mask = on[:, None, None] & hd_ok
+    kv_off = j[:, None, None] * stride_kv + hd
+    k_j = tl.load(k + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+    v_j = tl.load(v + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+    if HAS_ATTR:
+        a = tl.load(edge_attr + e[:, None, None] * (H * D) + hd, mask=kv_mask,
+                    other=0.0).to(tl.float32)
+        k_j += a
+        v_j += a
+    return k_j, v_j
+
+
+@triton.jit
 def _forward_kernel(indptr, indices, q, k, v, edge_bias, edge_attr, out, lse,
                     part_m, part_l, part_acc, seg_row, seg_count, seg_end, part_end,
                     num_rows, num_segments, scale_log2, stride_q, stride_kv,
@@ -61,11 +90,7 @@ def _forward_kernel(indptr, indices, q, k, v, edge_bias, edge_attr, out, lse,
     row, live, start, stop, count, slot = _segment_bounds(
         indptr, seg_row, seg_count, seg_end, part_end, num_rows, num_segments,
         tl.program_id(0), BLOCK_S, CHUNK)
-    hs = tl.arange(0, BLOCK_H)
-    ds = tl.arange(0, BLOCK_D)
-    head_ok = hs < H
-    hd = (hs[:, None] * D + ds[None, :])[None, :, :]                   # [1, BH, BD]
-    hd_ok = (head_ok[:, None] & (ds[None, :] < D))[None, :, :]
+    hs, head_ok, hd, hd_ok = _head_offsets(H, D, BLOCK_H, BLOCK_D)
     q_i = tl.load(q + row[:, None, None] * stride_q + hd, mask=live[:, None, None] & hd_ok,
                   other=0.0).to(tl.float32) * scale_log2
     m = tl.full([BLOCK_S, BLOCK_H], float("-inf"), tl.float32)
@@ -77,15 +102,8 @@ def _forward_kernel(indptr, indices, q, k, v, edge_bias, edge_attr, out, lse,
         on = e < stop
         j = j_next.to(tl.int64)  # the next source is loaded while this edge's rows arrive
         j_next = tl.load(indices + e + 1, mask=e + 1 < stop, other=0)
-        kv_mask = on[:, None, None] & hd_ok
-        kv_off = j[:, None, None] * stride_kv + hd
-        k_j = tl.load(k + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        v_j = tl.load(v + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        if HAS_ATTR:
-            a = tl.load(edge_attr + e[:, None, None] * (H * D) + hd, mask=kv_mask,
-                        other=0.0).to(tl.float32)
-            k_j += a
-            v_j += a
+        k_j, v_j = _edge_key_value(k, v, edge_attr, j, e, on, hd, hd_ok, stride_kv, H, D,
+                                   HAS_ATTR)
         s = tl.sum(q_i * k_j, axis=2)
         if HAS_BIAS:
             b = tl.load(edge_bias + e[:, None] * H + hs[None, :], mask=on[:, None] & head_ok[None, :],

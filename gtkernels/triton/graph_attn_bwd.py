@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .graph_attn import (COMPILE_TYPES, DEFAULT_CONFIG, _segment_bounds, block_sizes,
-                         compile_shapes, node_rows)
+from .graph_attn import (COMPILE_TYPES, DEFAULT_CONFIG, _edge_key_value, _head_offsets,
+                         _segment_bounds, block_sizes, compile_shapes, node_rows)
 from .graph_schedule import cached_segment_schedule
 
 
@@ -29,11 +29,7 @@ def _destination_kernel(indptr, indices, q, k, v, dout, out, lse, grad_lse, edge
     row, live, start, stop, count, slot = _segment_bounds(
         indptr, seg_row, seg_count, seg_end, part_end, num_rows, num_segments,
         tl.program_id(0), BLOCK_S, CHUNK)
-    hs = tl.arange(0, BLOCK_H)
-    ds = tl.arange(0, BLOCK_D)
-    head_ok = hs < H
-    hd = (hs[:, None] * D + ds[None, :])[None, :, :]
-    hd_ok = (head_ok[:, None] & (ds[None, :] < D))[None, :, :]
+    hs, head_ok, hd, hd_ok = _head_offsets(H, D, BLOCK_H, BLOCK_D)
     row_mask = live[:, None, None] & hd_ok
     row_off = row[:, None, None] * (H * D) + hd
     q_i = tl.load(q + row[:, None, None] * stride_q + hd, mask=row_mask,
@@ -56,15 +52,8 @@ def _destination_kernel(indptr, indices, q, k, v, dout, out, lse, grad_lse, edge
         on = e < stop
         j = j_next.to(tl.int64)  # prefetched one edge ahead, as in the forward
         j_next = tl.load(indices + e + 1, mask=e + 1 < stop, other=0)
-        kv_mask = on[:, None, None] & hd_ok
-        kv_off = j[:, None, None] * stride_kv + hd
-        k_j = tl.load(k + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        v_j = tl.load(v + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        if HAS_ATTR:
-            a = tl.load(edge_attr + e[:, None, None] * (H * D) + hd, mask=kv_mask,
-                        other=0.0).to(tl.float32)
-            k_j += a
-            v_j += a
+        k_j, v_j = _edge_key_value(k, v, edge_attr, j, e, on, hd, hd_ok, stride_kv, H, D,
+                                   HAS_ATTR)
         s = tl.sum(q_i * k_j, axis=2) * (scale * 1.4426950408889634)
         edge_mask = on[:, None] & head_ok[None, :]
         if HAS_BIAS:
@@ -78,7 +67,7 @@ def _destination_kernel(indptr, indices, q, k, v, dout, out, lse, grad_lse, edge
         if HAS_ATTR:
             grad_a = (scale * d_s)[:, :, None] * q_i + p[:, :, None] * do_i
             tl.store(d_edge_attr + e[:, None, None] * (H * D) + hd,
-                     grad_a.to(d_edge_attr.dtype.element_ty), mask=kv_mask)
+                     grad_a.to(d_edge_attr.dtype.element_ty), mask=on[:, None, None] & hd_ok)
     dq_acc = dq_acc * scale
     tl.store(dq + row_off, dq_acc.to(dq.dtype.element_ty), mask=(count == 1)[:, None, None] & row_mask)
     tl.store(part_dq + slot[:, None, None] * (H * D) + hd, dq_acc,
@@ -93,11 +82,7 @@ def _source_kernel(csc_indptr, csc_indices, csc_edge_ids, q, dout, prob, dscore,
     col, live, start, stop, count, slot = _segment_bounds(
         csc_indptr, seg_row, seg_count, seg_end, part_end, num_rows, num_segments,
         tl.program_id(0), BLOCK_S, CHUNK)
-    hs = tl.arange(0, BLOCK_H)
-    ds = tl.arange(0, BLOCK_D)
-    head_ok = hs < H
-    hd = (hs[:, None] * D + ds[None, :])[None, :, :]
-    hd_ok = (head_ok[:, None] & (ds[None, :] < D))[None, :, :]
+    hs, head_ok, hd, hd_ok = _head_offsets(H, D, BLOCK_H, BLOCK_D)
     dk_acc = tl.zeros([BLOCK_S, BLOCK_H, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_S, BLOCK_H, BLOCK_D], tl.float32)
     i_next = tl.load(csc_indices + start, mask=start < stop, other=0)

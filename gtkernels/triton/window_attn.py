@@ -12,10 +12,11 @@ import triton
 import triton.language as tl
 
 from .window_common import (LN2_K, LOG2E, LOG2E_K, MIN_INTERIOR_TILES, band_autotune,
-                            band_bounds, band_compile_cases, band_grid, band_program, band_valid,
-                            dot_precision, effective_window, exclusion_args, exclusion_rows,
-                            first_band_position, global_blocks, global_compile_case,
-                            interior_split, list_rows, load_live, load_node_tile, load_rows,
+                            band_bounds, band_compile_cases, band_grid, band_key_tile,
+                            band_program, dot_precision, effective_window, exclusion_args,
+                            exclusion_rows, first_band_position, global_blocks,
+                            global_compile_case, global_key_tile, global_program,
+                            interior_split, list_key_tile, load_node_tile, load_rows,
                             prepare_inputs, split_count)
 
 
@@ -54,12 +55,8 @@ def attend_key_list(acc, m_i, l_i, q, k_ptr, v_ptr, list_ptr, live_ptr, q_pos, q
     """attend_tile over the keys at list positions lo, ..., hi - 1 (node ids list_ptr[pos], or
     pos itself) where live_ptr[q_pos * live_q_stride + pos] != 0."""
     for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k_ok = offs_n < hi
-        k_rows = list_rows(list_ptr, offs_n, k_ok, K_FROM_LIST)
-        k = load_rows(k_ptr, k_rows, k_ok, stride_n, cols, D)
-        v = load_rows(v_ptr, k_rows, k_ok, stride_n, cols, D)
-        live = load_live(live_ptr, q_pos, offs_n, q_ok, k_ok, live_q_stride)
+        k, v, live = list_key_tile(k_ptr, v_ptr, list_ptr, live_ptr, q_pos, q_ok, start, hi,
+                                   live_q_stride, stride_n, cols, D, K_FROM_LIST, BLOCK_N)
         acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, live, qk_scale, True, DOT_PRECISION)
     return acc, m_i, l_i
 
@@ -71,11 +68,8 @@ def attend_band_span(acc, m_i, l_i, q, k_ptr, v_ptr, start, end, hi, r, dilation
                      BLOCK_N: tl.constexpr):
     """attend_tile over the band key tiles start, start + BLOCK_N, ... < end (keys < hi)."""
     for tile in range(start, end, BLOCK_N):
-        offs_n = tile + tl.arange(0, BLOCK_N)
-        rows_n = r + offs_n * dilation
-        k = load_rows(k_ptr, rows_n, offs_n < hi, stride_n, cols, D)
-        v = load_rows(v_ptr, rows_n, offs_n < hi, stride_n, cols, D)
-        valid = band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE)
+        k, v, valid = band_key_tile(k_ptr, v_ptr, tile, hi, r, dilation, stride_n, cols, D,
+                                    key_lb, key_ub, excl_rows, HAS_EXCLUDE, BLOCK_N)
         acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, MASKED,
                                     DOT_PRECISION)
     return acc, m_i, l_i
@@ -168,15 +162,10 @@ def _global_query_forward_kernel(q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr
                                  BLOCK_N: tl.constexpr):
     """Rows [0, G) against key chunk `split`: writes normalised partial out and lse to
     part_out [S, B, G, H, D] and part_lse [S, B, G, H] (fp32)."""
-    pid = tl.program_id(0)
-    blocks = (num_global + BLOCK_M - 1) // BLOCK_M
-    split = (pid // blocks) % num_splits
-    bh = pid // (blocks * num_splits)
-    b = bh // H
-    h = bh % H
+    m0, split, b, h = global_program(num_global, num_splits, H, BLOCK_M)
     base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
     cols = tl.arange(0, BLOCK_D)
-    offs_m = (pid % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     q = load_rows(q_ptr + base, offs_m, offs_m < num_global, stride_n, cols, D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -184,12 +173,8 @@ def _global_query_forward_kernel(q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, key_end)
     for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k = load_rows(k_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
-        v = load_rows(v_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
-        valid = (offs_n < hi)[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        k, v, valid = global_key_tile(k_ptr + base, v_ptr + base, start, hi, offs_m, stride_n,
+                                      cols, D, CAUSAL, BLOCK_N)
         acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, valid, qk_scale, True,
                                     DOT_PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

@@ -5,17 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .window_common import (LOG2E, dot_precision, global_blocks, global_compile_case, load_rows,
-                            split_count)
+from .window_common import (LOG2E, dot_precision, global_blocks, global_compile_case,
+                            global_key_tile, global_program, load_rows, split_count)
 from .window_attn_backward_tiles import dkdv_tile, dq_tile, load_row_stats
-
-
-@triton.jit
-def global_program(num_global, num_splits, BLOCK: tl.constexpr):
-    """Decodes a global-pass program id into (first global row, split, bh)."""
-    pid = tl.program_id(0)
-    blocks = (num_global + BLOCK - 1) // BLOCK
-    return (pid % blocks) * BLOCK, (pid // blocks) % num_splits, pid // (blocks * num_splits)
 
 
 @triton.jit
@@ -25,9 +17,7 @@ def _global_query_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, par
                             CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq of rows [0, G) from key chunk `split` -> part_dq [S, B, G, H, D] fp32."""
-    m0, split, bh = global_program(num_global, num_splits, BLOCK_M)
-    b = bh // H
-    h = bh % H
+    m0, split, b, h = global_program(num_global, num_splits, H, BLOCK_M)
     base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
     out_base = (b.to(tl.int64) * N * H + h) * D
     cols = tl.arange(0, BLOCK_D)
@@ -40,12 +30,8 @@ def _global_query_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, par
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, key_end)
     for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k = load_rows(k_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
-        v = load_rows(v_ptr + base, offs_n, offs_n < hi, stride_n, cols, D)
-        valid = (offs_n < hi)[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        k, v, valid = global_key_tile(k_ptr + base, v_ptr + base, start, hi, offs_m, stride_n,
+                                      cols, D, CAUSAL, BLOCK_N)
         dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, True, DOT_PRECISION)
     rows = ((split.to(tl.int64) * B + b) * num_global + offs_m) * H + h
     tl.store(part_dq_ptr + rows[:, None] * D + cols[None, :], dq * scale,
@@ -59,9 +45,7 @@ def _global_key_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, par
                             CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dk, dv of keys [0, G) from query chunk `split` -> part_dk, part_dv [S, B, G, H, D] fp32."""
-    k0, split, bh = global_program(num_global, num_splits, BLOCK_N)
-    b = bh // H
-    h = bh % H
+    k0, split, b, h = global_program(num_global, num_splits, H, BLOCK_N)
     base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
     out_base = (b.to(tl.int64) * N * H + h) * D
     cols = tl.arange(0, BLOCK_D)

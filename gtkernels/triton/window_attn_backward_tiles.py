@@ -5,7 +5,7 @@ band spans and node lists."""
 import triton
 import triton.language as tl
 
-from .window_common import LOG2E_K, band_valid, list_rows, load_live, load_rows
+from .window_common import LOG2E_K, band_key_tile, list_key_tile, list_rows, load_rows
 
 
 @triton.jit
@@ -59,12 +59,8 @@ def dq_key_list(dq, q, do, lse2, delta, k_ptr, v_ptr, list_ptr, live_ptr, q_pos,
     """dq_tile over the keys at list positions lo, ..., hi - 1 (node ids list_ptr[pos], or pos
     itself) where live_ptr[q_pos * live_q_stride + pos] != 0."""
     for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k_ok = offs_n < hi
-        k_rows = list_rows(list_ptr, offs_n, k_ok, K_FROM_LIST)
-        k = load_rows(k_ptr, k_rows, k_ok, stride_n, cols, D)
-        v = load_rows(v_ptr, k_rows, k_ok, stride_n, cols, D)
-        live = load_live(live_ptr, q_pos, offs_n, q_ok, k_ok, live_q_stride)
+        k, v, live = list_key_tile(k_ptr, v_ptr, list_ptr, live_ptr, q_pos, q_ok, start, hi,
+                                   live_q_stride, stride_n, cols, D, K_FROM_LIST, BLOCK_N)
         dq = dq_tile(dq, q, do, lse2, delta, k, v, live, qk_scale, True, DOT_PRECISION)
     return dq
 
@@ -99,11 +95,8 @@ def dq_band_span(dq, q, do, lse2, delta, k_ptr, v_ptr, start, end, hi, r, dilati
                  BLOCK_N: tl.constexpr):
     """dq_tile over the band key tiles start, start + BLOCK_N, ... < end (keys < hi)."""
     for tile in range(start, end, BLOCK_N):
-        offs_n = tile + tl.arange(0, BLOCK_N)
-        rows_n = r + offs_n * dilation
-        k = load_rows(k_ptr, rows_n, offs_n < hi, stride_n, cols, D)
-        v = load_rows(v_ptr, rows_n, offs_n < hi, stride_n, cols, D)
-        valid = band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE)
+        k, v, valid = band_key_tile(k_ptr, v_ptr, tile, hi, r, dilation, stride_n, cols, D,
+                                    key_lb, key_ub, excl_rows, HAS_EXCLUDE, BLOCK_N)
         dq = dq_tile(dq, q, do, lse2, delta, k, v, valid, qk_scale, MASKED, DOT_PRECISION)
     return dq
 

@@ -82,6 +82,17 @@ def band_program(N, H, dilation, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def global_program(num_global, num_splits, H, BLOCK: tl.constexpr):
+    """Decodes a global-pass program id into (first global row, split, b, h)."""
+    pid = tl.program_id(0)
+    blocks = (num_global + BLOCK - 1) // BLOCK
+    first = (pid % blocks) * BLOCK
+    split = (pid // blocks) % num_splits
+    bh = pid // (blocks * num_splits)
+    return first, split, bh // H, bh % H
+
+
+@triton.jit
 def first_band_position(num_global, r, dilation):
     """First position p of residue class r whose token r + p * dilation is not global."""
     return (num_global - r + dilation - 1) // dilation
@@ -123,6 +134,33 @@ def load_live(live_ptr, q_pos, k_pos, q_ok, k_ok, live_q_stride):
 
 
 @triton.jit
+def list_key_tile(k_ptr, v_ptr, list_ptr, live_ptr, q_pos, q_ok, start, hi, live_q_stride,
+                  stride_n, cols, D, K_FROM_LIST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(k, v, live) of the keys at list positions start, ..., start + BLOCK_N - 1 (< hi): node
+    ids list_ptr[pos] (or pos itself), live where live_ptr[q_pos * live_q_stride + pos] != 0."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    k_ok = offs_n < hi
+    k_rows = list_rows(list_ptr, offs_n, k_ok, K_FROM_LIST)
+    k = load_rows(k_ptr, k_rows, k_ok, stride_n, cols, D)
+    v = load_rows(v_ptr, k_rows, k_ok, stride_n, cols, D)
+    return k, v, load_live(live_ptr, q_pos, offs_n, q_ok, k_ok, live_q_stride)
+
+
+@triton.jit
+def global_key_tile(k_ptr, v_ptr, start, hi, offs_m, stride_n, cols, D, CAUSAL: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """(k, v, valid) of the keys start, ..., start + BLOCK_N - 1 (< hi) met by the global query
+    rows offs_m (causal: keys up to the row)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    k = load_rows(k_ptr, offs_n, offs_n < hi, stride_n, cols, D)
+    v = load_rows(v_ptr, offs_n, offs_n < hi, stride_n, cols, D)
+    valid = (offs_n < hi)[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    return k, v, valid
+
+
+@triton.jit
 def load_node_tile(ptr, rows, ok, h, H, D, cols):
     """[len(rows), BLOCK_D] fp32 of a contiguous [N, H, D] tensor at head h."""
     return tl.load(ptr + (rows.to(tl.int64) * H + h)[:, None] * D + cols[None, :],
@@ -139,6 +177,18 @@ def band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE: tl.constexpr):
         dropped = tl.load(excl_rows[:, None] + offs_n[None, :], mask=valid, other=1)
         valid = valid & (dropped == 0)
     return valid
+
+
+@triton.jit
+def band_key_tile(k_ptr, v_ptr, tile, hi, r, dilation, stride_n, cols, D, key_lb, key_ub,
+                  excl_rows, HAS_EXCLUDE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(k, v, valid) of the band keys at positions tile, ..., tile + BLOCK_N - 1 (< hi) of
+    residue class r; valid as band_valid."""
+    offs_n = tile + tl.arange(0, BLOCK_N)
+    rows_n = r + offs_n * dilation
+    k = load_rows(k_ptr, rows_n, offs_n < hi, stride_n, cols, D)
+    v = load_rows(v_ptr, rows_n, offs_n < hi, stride_n, cols, D)
+    return k, v, band_valid(offs_n, key_lb, key_ub, excl_rows, HAS_EXCLUDE)
 
 
 @triton.jit
