@@ -235,7 +235,7 @@ def _fused_backward(grad, s, t, c, cn, stats, dot_scale, norm_scale, need_s, nee
 # Which backward runs: "fused" (one kernel, 5 dots per logit tile, code-side partials
 # read-modify-written per tile) or "split" (code_distill_split: two passes, 7 dots per tile,
 # register accumulators).
-BACKWARD = "fused"
+BACKWARD = "split"
 
 
 def code_distill_loss_backward(grad_row_kl, student, teacher, codebook, stats, temperature,
