@@ -507,26 +507,18 @@ def test_triton_search_backward(metric):
 
 
 @needs_triton
-@pytest.mark.parametrize("metric,backward,sizes", [
-    # fused: one program, 3 row blocks (16 in the interpreter)
-    ("l2", "fused", dict(ROW_CHUNK=1024, CODE_CHUNK=2048)),
-    ("ip", "fused", dict(ROW_CHUNK=1024, CODE_CHUNK=2048)),
-    # 2 x 2 programs, last chunks partial (5 rows, 18 codes)
-    ("l2", "fused", dict(ROW_CHUNK=32, CODE_CHUNK=32)),
-    # chunks that are not whole blocks: 2 x 4 programs
-    ("ip", "fused", dict(ROW_CHUNK=24, CODE_CHUNK=16)),
-    # split: the code pass over 3 row splits (the last of 5 rows), or one
-    ("l2", "split", dict(SPLIT_MULTIPLE=16, CODE_PROGRAMS=4096)),
-    ("ip", "split", dict(SPLIT_MULTIPLE=16, CODE_PROGRAMS=4096)),
-    ("l2", "split", dict(SPLIT_MULTIPLE=128))])
+@pytest.mark.parametrize("metric,sizes", [
+    # the code pass over 3 row splits (the last of 5 rows), or one
+    ("l2", dict(SPLIT_MULTIPLE=16, CODE_PROGRAMS=4096)),
+    ("ip", dict(SPLIT_MULTIPLE=16, CODE_PROGRAMS=4096)),
+    ("l2", dict(SPLIT_MULTIPLE=128)),
+    ("ip", dict(SPLIT_MULTIPLE=128))])
 @pytest.mark.parametrize("mask", [(True, True, True), (True, False, True), (False, True, False)])
-def test_triton_distill(metric, backward, sizes, mask, monkeypatch):
+def test_triton_distill(metric, sizes, mask, monkeypatch):
     from gtkernels.triton import code_distill, code_distill_split
 
-    monkeypatch.setattr(code_distill, "BACKWARD", backward)
     for name, value in sizes.items():
-        monkeypatch.setattr(code_distill if backward == "fused" else code_distill_split, name,
-                            value)
+        monkeypatch.setattr(code_distill_split, name, value)
     device = triton_device()
     s, t, c = (torch.randn(n, 12, device=device) for n in (37, 37, 50))
     kl, stats = code_distill.code_distill_loss(s, t, c, 0.7, metric)
@@ -581,29 +573,6 @@ def test_triton_split_tf32_matches_host(monkeypatch):
     assert torch.equal(code_distill_common.split_tf32_pairs(x), torch.stack([hi, lo]))
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_triton_distill_chunks(monkeypatch):
-    """The bench case gets 512 programs and 388 MiB of partials; the bound holds elsewhere."""
-    from gtkernels.triton import code_distill
-
-    def cost(n, k, d, row_grads):  # (programs, partial bytes)
-        rows, codes = code_distill._chunks(n, k, d, row_grads, True)
-        row_chunks, code_chunks = -(-n // rows), -(-k // codes)
-        return (row_chunks * code_chunks,
-                4 * (d * n * row_grads * code_chunks + (d + 1) * k * row_chunks))
-
-    assert code_distill._chunks(65536, 16384, 64, 1, True) == (1024, 2048)
-    assert cost(65536, 16384, 64, 1) == (512, 388 << 20)
-    assert cost(65536, 16384, 64, 2) == (256, 386 << 20)
-    assert code_distill._chunks(3000, 2000, 64, 1, True) == (128, 128)
-    for n, k, d, row_grads in [(1 << 20, 16384, 256, 1), (1000, 1 << 20, 128, 2),
-                               (3000, 2000, 64, 1), (100, 50, 8, 2)]:
-        programs, partial_bytes = cost(n, k, d, row_grads)
-        assert partial_bytes <= code_distill.PARTIAL_BYTES or programs <= 128
-    monkeypatch.setattr(code_distill, "PARTIAL_BYTES", 0)  # as few programs as allowed
-    assert 64 < cost(3000, 2000, 64, 2)[0] <= 128
-
-
 # --- GPU: larger sizes against float64 -----------------------------------------------------
 
 @pytest.mark.gpu
@@ -631,11 +600,7 @@ def test_cuda_search_near_ties_grouped(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backward", ["fused", "split"])
-def test_cuda_distill_matches_cpu(backward, monkeypatch):
-    from gtkernels.triton import code_distill
-
-    monkeypatch.setattr(code_distill, "BACKWARD", backward)
+def test_cuda_distill_matches_cpu():
     s, t, c = (torch.randn(n, 64, device="cuda") for n in (3000, 3000, 2000))
     inputs = [v.requires_grad_() for v in (s, t, c)]
     loss = gk.code_distill_loss(*inputs, temperature=0.5)
