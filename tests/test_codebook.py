@@ -339,11 +339,11 @@ def test_triton_search_large_k():
 def test_triton_exact_fallback_on_every_row(metric, k, batch, monkeypatch):
     """Every row flagged: the float64 split scan alone gives the result, with row batches that
     straddle the two sub-codebooks and a last batch that is part empty, and several chunks."""
-    from gtkernels.triton import codebook_exact
+    from gtkernels.triton import codebook_exact, codebook_fallback
     from gtkernels.triton.codebook import METRIC_IDS
 
-    monkeypatch.setattr(codebook_exact, "SPLIT_CODES", 40)  # 101 codes: chunks of 34
-    monkeypatch.setattr(codebook_exact, "SPLIT_ROWS", batch)
+    monkeypatch.setattr(codebook_fallback, "SPLIT_CODES", 40)  # 101 codes: chunks of 34
+    monkeypatch.setattr(codebook_fallback, "SPLIT_ROWS", batch)
     device = triton_device()
     x, codebook = near_tie_codebook(21, 101, 9, torch.float32, device)
     x3 = torch.stack([x, x.flip(0)], 1)                       # [21, 2, 9]: 42 rows

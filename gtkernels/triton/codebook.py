@@ -30,8 +30,8 @@
    can be the nearest lies in a lane whose lowest score is within the row's lowest + 2 eps;
    those lanes are the candidates (more than CAND: flagged).
 3. codebook_exact.py: float64 re-rank of the candidate codes (or, after the chunk scan, of
-   the candidate lanes' chunks), and an exact float64 scan, split over the codebook, for
-   flagged rows.
+   the candidate lanes' chunks); codebook_fallback.py: for flagged rows, a float64 walk of
+   their candidates' lanes or an exact float64 scan of all codes, split over the codebook.
 No host synchronisation anywhere.
 """
 import torch
