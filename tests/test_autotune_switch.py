@@ -70,7 +70,7 @@ def test_first_config_launch_end_to_end(monkeypatch):
                                )(codebook._scan_kernel)
     monkeypatch.setattr(codebook, "_scan_kernel_tuned", launcher)
     monkeypatch.setattr(codebook, "interpreting", lambda: False)
-    monkeypatch.setattr(codebook, "_dot_dtype", lambda dtype: tl.float32)
+    monkeypatch.setattr(codebook, "dot_dtype", lambda dtype: tl.float32)
     x, c = torch.randn(48, 12), torch.randn(300, 12)
     _, idx = codebook.codebook_search(x[:, None], c[None], 2, "l2")
     expected = ((x.double()[:, None] - c.double()[None]) ** 2).sum(-1).topk(2, largest=False)

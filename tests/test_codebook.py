@@ -285,8 +285,8 @@ def test_triton_chunk_search(dtype, metric, num_codes, monkeypatch):
     code in different chunks; two sub-codebooks, strided rows."""
     from gtkernels.triton import codebook as cbm
 
-    launched, chunk_scan = [], cbm._launch_chunk_scan
-    monkeypatch.setattr(cbm, "_launch_chunk_scan", lambda *a: launched.append(1) or chunk_scan(*a))
+    launched, chunk_scan = [], cbm.launch_chunk_scan
+    monkeypatch.setattr(cbm, "launch_chunk_scan", lambda *a: launched.append(1) or chunk_scan(*a))
     device = triton_device()
     x, codebook = near_tie_codebook(40, num_codes, 6, dtype, device)
     x3 = torch.stack([x, x.flip(0)]).transpose(0, 1)               # [40, 2, 6], strided

@@ -24,7 +24,7 @@
    that matter (between the row's lowest and T) this adds 2**(tile_bits - 22) (max(|lowest|,
    |k-th|) + 2 eps) to eps (the factor 2 covers T's own growth), so the proof above holds
    with the larger eps.
-2. ``_chunk_scan_kernel`` replaces it for k = 1 with small operands (padded D <= 32; l2 and
+2. codebook_chunk_scan.py replaces it for k = 1 with small operands (padded D <= 32; l2 and
    ip): lane j owns the contiguous chunk of codes j * L ... (j + 1) * L - 1 and keeps only
    its lowest score, one fma and one min per code (no index, no runner-up). Every code that
    can be the nearest lies in a lane whose lowest score is within the row's lowest + 2 eps;
@@ -41,9 +41,10 @@ import triton.language as tl
 from ..reference.codebook import COSINE_EPS
 from . import interpreting
 from ._common import autotune
-from .codebook_bound import candidate_threshold, packed_bias, score_bound
+from .codebook_bound import candidate_threshold, packed_bias, score_bound, store_candidates
+from .codebook_chunk_scan import CHUNK_MAX_DIM, launch_chunk_scan
 from .codebook_exact import FLAG_ALL, FLAG_LANES, rerank_and_fallback
-from .codebook_operands import UNIT, scan_operands
+from .codebook_operands import UNIT, dot_dtype, scan_operands
 from .norms import row_sq_norms
 
 METRIC_IDS = {"l2": 0, "ip": 1, "cosine": 2}
@@ -132,22 +133,6 @@ def _kth_lowest(best, lanes, K_SEL: tl.constexpr, LANES_: tl.constexpr):
 
 
 @triton.jit
-def _store_candidates(best, ids, threshold, row_mask, out, CAND: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
-    """Writes ids [BLOCK_N, LANES] of the lanes whose best <= threshold [BLOCK_N], compacted
-    in lane order into CAND slots per row at out [BLOCK_N] pointers (-1 = empty slot), and
-    returns their count per row (more than CAND: the row must be flagged)."""
-    is_cand = best <= threshold[:, None]
-    slot = tl.cumsum(is_cand.to(tl.int32), axis=1) - 1
-    count = tl.sum(is_cand.to(tl.int32), axis=1)
-    tl.store(out[:, None] + slot, ids, mask=row_mask[:, None] & is_cand & (slot < CAND))
-    slots = tl.arange(0, CAND)
-    tl.store(out[:, None] + slots[None, :], tl.full([BLOCK_N, CAND], -1, dtype=tl.int32),
-             mask=row_mask[:, None] & (slots[None, :] >= count[:, None]))
-    return count
-
-
-@triton.jit
 def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, bias_ptr, eps_ptr, cand_ptr, flag_ptr,
                  N, G, K, D, sxn, sxg, sxd, scg, sck, scd,
                  METRIC: tl.constexpr, K_SEL: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -206,8 +191,8 @@ def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, bias_ptr, eps_ptr, cand_pt
     threshold = candidate_threshold(kth, eps)
     # Compact the candidate lanes into CAND slots per row (-1 = empty); more than CAND
     # candidates also sends the row to the exact fallback.
-    count = _store_candidates(best, best_idx, threshold, row_mask,
-                              cand_ptr + (rows.to(tl.int64) * G + g) * CAND, CAND, BLOCK_N)
+    count = store_candidates(best, best_idx, threshold, row_mask,
+                             cand_ptr + (rows.to(tl.int64) * G + g) * CAND, CAND, BLOCK_N)
     # The runner-up's two roundings err by at most 4 u max(|lowest|, |threshold|).
     runner_slack = 4.0 * UNIT_K * tl.maximum(tl.abs(tl.min(best, axis=1)), tl.abs(threshold))
     # A lane with two codes within the threshold: the candidates' lanes still hold every code
@@ -215,45 +200,6 @@ def _scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, bias_ptr, eps_ptr, cand_pt
     crowded = tl.min(runner_up, axis=1) <= threshold + runner_slack
     flag = tl.where(count > CAND, FLAG_ALL_K, tl.where(crowded, FLAG_LANES_K, 0))
     tl.store(flag_ptr + rows * G + g, flag.to(tl.int8), mask=row_mask)
-
-
-@triton.jit
-def _chunk_scan_kernel(x_ptr, c_ptr, nterm_ptr, factor_ptr, eps_ptr, cand_ptr, flag_ptr,
-                       N, G, D, num_tiles, sxn, sxg, sxd,
-                       DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, LANES_: tl.constexpr,
-                       CAND: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The k = 1 scan of small operands (padded D <= CHUNK_MAX_DIM): lane j owns a
-    contiguous chunk of codes, j * num_tiles ... (j + 1) * num_tiles - 1, and keeps only its
-    lowest score: one fma and one min per code. c_ptr holds the codes tile-major
-    [G, num_tiles, LANES, D_PAD] and nterm_ptr their score terms [G, num_tiles, LANES]
-    (``_chunk_layout``: zeros and +inf past K, so no tile needs a mask). The lanes whose
-    lowest score is within the row's lowest + 2 eps hold every code that can be the nearest;
-    their numbers go to cand_ptr, and codebook_exact.py walks their chunks."""
-    g = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    lanes = tl.arange(0, LANES_)
-    dk = tl.arange(0, D_PAD)
-    x_rows = x_ptr + g.to(tl.int64) * sxg + rows[:, None].to(tl.int64) * sxn
-    x_tile = tl.load(x_rows + dk[None, :] * sxd, mask=row_mask[:, None] & (dk[None, :] < D),
-                     other=0.0).to(DOT_DTYPE)
-    neg_factor = -tl.load(factor_ptr + rows * G + g, mask=row_mask, other=0.0)[:, None]
-    tile = (c_ptr + g.to(tl.int64) * num_tiles * LANES_ * D_PAD + lanes[None, :] * D_PAD
-            + dk[:, None])
-    terms = nterm_ptr + g.to(tl.int64) * num_tiles * LANES_ + lanes
-    best = tl.full([BLOCK_N, LANES_], float("inf"), dtype=tl.float32)
-    for _ in range(num_tiles):
-        acc = tl.dot(x_tile, tl.load(tile).to(DOT_DTYPE), input_precision=PRECISION)
-        best = tl.minimum(best, tl.load(terms)[None, :] + acc * neg_factor)
-        tile += LANES_ * D_PAD
-        terms += LANES_
-    eps = tl.load(eps_ptr + rows * G + g, mask=row_mask, other=0.0)
-    threshold = candidate_threshold(tl.min(best, axis=1), eps)
-    count = _store_candidates(best, tl.broadcast_to(lanes[None, :], [BLOCK_N, LANES_]),
-                              threshold, row_mask,
-                              cand_ptr + (rows.to(tl.int64) * G + g) * CAND,
-                              CAND, BLOCK_N)
-    tl.store(flag_ptr + rows * G + g, (count > CAND).to(tl.int8), mask=row_mask)
 
 
 def _prune_scan_configs(configs, named_args, **kwargs):
@@ -280,29 +226,6 @@ _scan_kernel_tuned = autotune(
     prune_configs_by={"early_config_prune": _prune_scan_configs},
 )(_scan_kernel)
 
-# The chunk scan keeps one value per lane: (rows, warps) with at most 64 per thread.
-_chunk_scan_kernel_tuned = autotune(
-    configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-             for bn, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for st in (3, 4)],
-    key=["D", "DOT_DTYPE"],
-)(_chunk_scan_kernel)
-CHUNK_LANES = 128     # lanes (= chunks) of the chunk scan
-CHUNK_MAX_DIM = 32    # its largest padded operand width (bf16 / fp16 D <= 32, fp32 D <= 10)
-
-
-def _chunk_layout(cs, nterm, d_pad):
-    """The chunk scan's tile-major copies of the codes cs [G, K, D'] and their score terms
-    nterm [G, K]: codes [G, tiles, LANES, d_pad] where tile t, lane j holds code
-    j * tiles + t (zeros past K and past D'), terms [G, tiles, LANES] (+inf past K), with
-    tiles = ceil(K / LANES). Returns them and tiles (the chunk length)."""
-    num_groups, num_codes, op_dim = cs.shape
-    tiles = triton.cdiv(num_codes, CHUNK_LANES)
-    spare = CHUNK_LANES * tiles - num_codes
-    codes = torch.nn.functional.pad(cs, (0, d_pad - op_dim, 0, spare))
-    codes = codes.view(num_groups, CHUNK_LANES, tiles, d_pad).transpose(1, 2).contiguous()
-    terms = torch.nn.functional.pad(nterm, (0, spare), value=float("inf"))
-    terms = terms.view(num_groups, CHUNK_LANES, tiles).transpose(1, 2).contiguous()
-    return codes, terms, tiles
 
 
 def _padded_codes(cs, d_pad, bias_code):
@@ -312,12 +235,6 @@ def _padded_codes(cs, d_pad, bias_code):
     padded = torch.nn.functional.pad(cs, (0, d_pad - op_dim))
     padded[..., op_dim] = bias_code
     return padded
-
-
-def _dot_dtype(dtype):
-    if interpreting():  # the interpreter's bf16 dot is unreliable; fp32 is exact for bf16 too
-        return tl.float32
-    return {torch.bfloat16: tl.bfloat16}.get(dtype, tl.float16)
 
 
 def codebook_search(x3, cb3, k, metric, codebook_norms=None):
@@ -347,31 +264,13 @@ def codebook_search(x3, cb3, k, metric, codebook_norms=None):
     chunk, lanes = None, 0
     if k == 1 and metric != "cosine" and d_pad <= CHUNK_MAX_DIM:
         terms = nterm if metric == "l2" else torch.zeros_like(nterm)
-        length = _launch_chunk_scan(xs, cs, terms, factor, eps, cand, flag, d_pad)
+        length = launch_chunk_scan(xs, cs, terms, factor, eps, cand, flag, d_pad)
         chunk = (length, terms, eps)
     else:
         lanes = _launch_scan(x3, xs, cs, x_sq, nterm, factor, eps, cand, flag, metric, k, d_pad)
     rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id,
                         (*x3.stride(), *cb3.stride()), chunk, lanes)
     return dist, idx
-
-
-def _launch_chunk_scan(xs, cs, terms, factor, eps, cand, flag, d_pad):
-    """k = 1, padded D <= CHUNK_MAX_DIM, l2 or ip: ``_chunk_scan_kernel`` writes the
-    candidate lanes (chunks) to cand and flags; returns the chunk length."""
-    num_rows, num_groups, op_dim = xs.shape
-    codes, terms, tiles = _chunk_layout(cs, terms, d_pad)
-    args = (xs, codes, terms, factor, eps, cand, flag, num_rows, num_groups, op_dim, tiles,
-            *xs.stride())
-    options = dict(DOT_DTYPE=_dot_dtype(xs.dtype), PRECISION="ieee", LANES_=CHUNK_LANES,
-                   CAND=cand.shape[-1], D_PAD=d_pad)
-    if interpreting():
-        _chunk_scan_kernel[(triton.cdiv(num_rows, 16), num_groups)](*args, **options,
-                                                                    BLOCK_N=16)
-    else:
-        grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]), num_groups)  # noqa: E731
-        _chunk_scan_kernel_tuned[grid](*args, **options)
-    return tiles
 
 
 def _launch_scan(x3, xs, cs, x_sq, nterm, factor, eps, cand, flag, metric, k, d_pad):
@@ -390,7 +289,7 @@ def _launch_scan(x3, xs, cs, x_sq, nterm, factor, eps, cand, flag, metric, k, d_
     # or 128, always 128 for k > 16 (fewer lane collisions, so fewer exact-fallback rows).
     args = (xs, cs, nterm.contiguous(), factor, bias, eps, cand, flag, num_rows, num_groups,
             cs.shape[1], op_dim, *xs.stride(), *cs.stride())
-    options = dict(METRIC=METRIC_IDS[metric], K_SEL=k, DOT_DTYPE=_dot_dtype(xs.dtype),
+    options = dict(METRIC=METRIC_IDS[metric], K_SEL=k, DOT_DTYPE=dot_dtype(xs.dtype),
                    CAND=cand.shape[-1], D_PAD=d_pad, PACK=pack, FULL_D=pack or op_dim == d_pad)
     if interpreting():  # one small configuration: the interpreter is slow
         lanes = 64 if k <= 16 else 128
@@ -424,9 +323,4 @@ COMPILE_CASES = [
                           LANES_=128, CAND=64, D_PAD=1024, PACK=False, FULL_D=False, BLOCK_N=64,
                           BLOCK_D=64),
      _SCAN_TYPES),
-    ("_chunk_scan_kernel", dict(DOT_DTYPE=tl.bfloat16, PRECISION="ieee", LANES_=128, CAND=16,
-                                D_PAD=16, BLOCK_N=32), _BF16_TYPES),
-    # fp32 inputs with D = 8 as fp16 pairs: 24 operand dims in 32.
-    ("_chunk_scan_kernel", dict(DOT_DTYPE=tl.float16, PRECISION="ieee", LANES_=128, CAND=16,
-                                D_PAD=32, BLOCK_N=64), _SCAN_TYPES),
 ]

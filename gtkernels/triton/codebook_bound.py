@@ -1,5 +1,6 @@
 """The codebook scan's error bound: per row, how far an approximate score can be from the
-exact one (``score_bound``), and the packed scan's bias (``packed_bias``).
+exact one (``score_bound``), the candidates it implies (``candidate_threshold``,
+``store_candidates``), and the packed scan's bias (``packed_bias``).
 
 A dot of op_dim products accumulated in fp32 in any order errs by at most ~op_dim u
 sum_i |x'_i c'_i| <= op_dim u mag_x mag_c (u = 2**-24; tensor-core accumulation taken as
@@ -69,6 +70,22 @@ def candidate_threshold(lowest, eps):
     at most this), raised by 4 u of itself for the rounding of that sum."""
     threshold = lowest + 2.0 * eps
     return threshold + 4.0 * _UNIT_K * tl.abs(threshold)
+
+
+@triton.jit
+def store_candidates(best, ids, threshold, row_mask, out, CAND: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """Writes ids [BLOCK_N, LANES] of the lanes whose best <= threshold [BLOCK_N], compacted
+    in lane order into CAND slots per row at out [BLOCK_N] pointers (-1 = empty slot), and
+    returns their count per row (more than CAND: the row must be flagged)."""
+    is_cand = best <= threshold[:, None]
+    slot = tl.cumsum(is_cand.to(tl.int32), axis=1) - 1
+    count = tl.sum(is_cand.to(tl.int32), axis=1)
+    tl.store(out[:, None] + slot, ids, mask=row_mask[:, None] & is_cand & (slot < CAND))
+    slots = tl.arange(0, CAND)
+    tl.store(out[:, None] + slots[None, :], tl.full([BLOCK_N, CAND], -1, dtype=tl.int32),
+             mask=row_mask[:, None] & (slots[None, :] >= count[:, None]))
+    return count
 
 
 def score_bound(x3, x_sq, norms, metric, op_dim, x_err=None, c_err=None):

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
+
 SPLIT_MAX_DIM = 21     # fp32 / fp64 inputs up to this D scan as fp16 pairs (3 D + 1 <= 64)
 FP16_SCALE_EXP = 14    # scaled inputs stay below 2**14 in magnitude
 UNIT = 2.0 ** -24      # fp32 unit roundoff
@@ -116,6 +118,13 @@ def _operand_rows(v3, group_amax, is_x, split, scale=None):
         *v3.stride(), inflate, IS_X=is_x, SPLIT=split, BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=4)
     return out, err
+
+
+def dot_dtype(dtype):
+    """The scan's tl.dot operand type for inputs of `dtype` (after scan_operands)."""
+    if interpreting():  # the interpreter's bf16 dot is unreliable; fp32 is exact for bf16 too
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16}.get(dtype, tl.float16)
 
 
 def scan_operands(x3, cb3):
