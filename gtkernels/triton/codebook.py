@@ -43,13 +43,12 @@ from . import interpreting
 from ._common import autotune
 from .codebook_bound import candidate_threshold, packed_bias, score_bound, store_candidates
 from .codebook_chunk_scan import CHUNK_MAX_DIM, launch_chunk_scan
-from .codebook_exact import FLAG_ALL, FLAG_LANES, rerank_and_fallback
+from .codebook_exact import FLAG_ALL_K, FLAG_LANES_K, rerank_and_fallback
 from .codebook_operands import UNIT, dot_dtype, scan_operands
 from .norms import row_sq_norms
 
 METRIC_IDS = {"l2": 0, "ip": 1, "cosine": 2}
 UNIT_K = tl.constexpr(UNIT)
-FLAG_ALL_K, FLAG_LANES_K = tl.constexpr(FLAG_ALL), tl.constexpr(FLAG_LANES)
 TRUNCATION_REL = tl.constexpr(2.0 ** -22)  # 2 x the relative error of one unit in the last place
 
 

@@ -21,7 +21,7 @@ from .codebook_float64 import exact_distances
 CHUNK_ROWS = 8              # rows per program of the chunk search's exact stage
 FLAG_ALL = 1                # flag values: the exact scan of all codes,
 FLAG_LANES = 2              # or of every code of the candidates' lanes (interleaved scan)
-_FLAG_ALL_K, _FLAG_LANES_K = tl.constexpr(FLAG_ALL), tl.constexpr(FLAG_LANES)
+FLAG_ALL_K, FLAG_LANES_K = tl.constexpr(FLAG_ALL), tl.constexpr(FLAG_LANES)  # inside kernels
 
 
 @triton.jit
@@ -42,8 +42,8 @@ def _rerank_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, order_ptr, count_ptr, dist_
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # over N * G
     live = (rows < NG)
     flag = tl.load(flag_ptr + rows, mask=live, other=0)
-    _append_flagged(rows, live & (flag == _FLAG_ALL_K), order_ptr, count_ptr)
-    _append_flagged(rows, live & (flag == _FLAG_LANES_K), order_ptr + NG, count_ptr + 1)
+    _append_flagged(rows, live & (flag == FLAG_ALL_K), order_ptr, count_ptr)
+    _append_flagged(rows, live & (flag == FLAG_LANES_K), order_ptr + NG, count_ptr + 1)
     live = live & (flag == 0)
     g = rows % G
     x_rows = x_ptr + (rows // G) * sxn + g * sxg
