@@ -335,15 +335,19 @@ def test_triton_search_large_k():
 
 
 @needs_triton
-@pytest.mark.parametrize("metric,k,batch", [("l2", 3, 8), ("cosine", 1, 8), ("l2", 2, 1)])
-def test_triton_exact_fallback_on_every_row(metric, k, batch, monkeypatch):
+@pytest.mark.parametrize("metric,k,batch,scratch", [
+    ("l2", 3, 8, True), ("cosine", 1, 8, True), ("l2", 2, 1, False)])
+def test_triton_exact_fallback_on_every_row(metric, k, batch, scratch, monkeypatch):
     """Every row flagged: the float64 split scan alone gives the result, with row batches that
-    straddle the two sub-codebooks and a last batch that is part empty, and several chunks."""
+    straddle the two sub-codebooks and a last batch that is part empty, and several chunks;
+    for k > 1 its passes read the kept distances or (no scratch) recompute them."""
     from gtkernels.triton import codebook_exact, codebook_fallback
     from gtkernels.triton.codebook import METRIC_IDS
 
     monkeypatch.setattr(codebook_fallback, "SPLIT_CODES", 40)  # 101 codes: chunks of 34
     monkeypatch.setattr(codebook_fallback, "SPLIT_ROWS", batch)
+    if not scratch:
+        monkeypatch.setattr(codebook_fallback, "SCRATCH_BYTES", 0)
     device = triton_device()
     x, codebook = near_tie_codebook(21, 101, 9, torch.float32, device)
     x3 = torch.stack([x, x.flip(0)], 1)                       # [21, 2, 9]: 42 rows
@@ -358,14 +362,17 @@ def test_triton_exact_fallback_on_every_row(metric, k, batch, monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("metric,k", [("l2", 1), ("cosine", 3)])
-def test_triton_lane_walk_on_every_row(metric, k):
+@pytest.mark.parametrize("metric,k,scratch", [("l2", 1, True), ("cosine", 3, True),
+                                              ("cosine", 3, False)])
+def test_triton_lane_walk_on_every_row(metric, k, scratch, monkeypatch):
     """Every row flagged FLAG_LANES with its exact k best among its candidate codes: the
     float64 walk of those codes' lanes (code % 8) alone gives the result; two
-    sub-codebooks, near ties."""
-    from gtkernels.triton import codebook_exact
+    sub-codebooks, near ties; for k > 1 with the distances kept or recomputed."""
+    from gtkernels.triton import codebook_exact, codebook_fallback
     from gtkernels.triton.codebook import METRIC_IDS
 
+    if not scratch:
+        monkeypatch.setattr(codebook_fallback, "SCRATCH_BYTES", 0)
     device = triton_device()
     x, codebook = near_tie_codebook(21, 101, 9, torch.float32, device)
     x3 = torch.stack([x, x.flip(0)], 1)                       # [21, 2, 9]: 42 rows

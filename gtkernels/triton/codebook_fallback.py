@@ -21,20 +21,42 @@ from .codebook_float64 import exact_distances, fold_next
 SPLIT_CODES = 512           # codes per chunk of a flagged row's exact scan (at least)
 SPLIT_ROWS = 8              # flagged rows that share each code tile of a large codebook
 PARTIALS_BYTES = 64 << 20   # bound on the chunk results kept for the merge
+SCRATCH_BYTES = 64 << 20    # bound on the float64 distances kept between the k passes
 
 
 @triton.jit
-def _lane_topk_kernel(x_ptr, c_ptr, cand_ptr, order_ptr, count_ptr, dist_ptr, idx_ptr, G, K, D,
-                      lanes, sxn, sxg, sxd, scg, sck, scd, METRIC: tl.constexpr,
-                      K_SEL: tl.constexpr, CAND: tl.constexpr, BLOCK: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+def _distances(x_rows, row_ok, c_rows, codes, valid, D, sxd, sck, scd, kept, t,
+               METRIC: tl.constexpr, SCRATCH: tl.constexpr, BLOCK_D: tl.constexpr):
+    """exact_distances of the codes; with SCRATCH, pass t = 0 also stores them at `kept`
+    (pointers shaped like codes) and later passes load them from there instead."""
+    if SCRATCH:
+        if t == 0:
+            d = exact_distances(x_rows, row_ok, c_rows, codes, valid, D, sxd, sck, scd,
+                                METRIC, BLOCK_D)
+            tl.store(kept, d, mask=valid)
+        else:
+            d = tl.load(kept, mask=valid, other=float("inf"))
+    else:
+        d = exact_distances(x_rows, row_ok, c_rows, codes, valid, D, sxd, sck, scd, METRIC,
+                            BLOCK_D)
+    return d
+
+
+@triton.jit
+def _lane_topk_kernel(x_ptr, c_ptr, cand_ptr, order_ptr, count_ptr, dist_ptr, idx_ptr,
+                      scratch_ptr, G, K, D, lanes, sxn, sxg, sxd, scg, sck, scd,
+                      METRIC: tl.constexpr, K_SEL: tl.constexpr, CAND: tl.constexpr,
+                      SCRATCH: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows flagged FLAG_LANES (order[:count]): their K_SEL best codes, exactly, among all
     codes of their candidates' lanes (code j sits in lane j % lanes: the codes lane,
     lane + lanes, ...), each found as the lexicographically next (dist, index) after the
-    previous one. One row per program at a time."""
+    previous one. One row per program at a time. With SCRATCH the first pass keeps the
+    distances in the program's [CAND, ceil(K / lanes)] float64 slice of scratch_ptr and the
+    later passes read them back instead of recomputing them."""
     offs = tl.arange(0, BLOCK)
     per_lane = tl.cdiv(K, lanes)
     one = tl.full([1], 0, dtype=tl.int64)  # [1]-shaped row tensors
+    own = scratch_ptr + tl.program_id(0).to(tl.int64) * CAND * per_lane
     for slot in range(tl.program_id(0), tl.load(count_ptr), tl.num_programs(0)):
         row = tl.load(order_ptr + slot)
         g = row % G
@@ -51,25 +73,33 @@ def _lane_topk_kernel(x_ptr, c_ptr, cand_ptr, order_ptr, count_ptr, dist_ptr, id
                 for i0 in range(0, tl.where(code >= 0, per_lane, 0), BLOCK):
                     codes = (lane + (i0 + offs) * lanes)[None, :]
                     valid = codes < K
-                    d = exact_distances(x_row, one == 0, c_row, codes, valid, D, sxd, sck, scd,
-                                        METRIC, BLOCK_D)
+                    kept = own + s * per_lane + (i0 + offs)[None, :]
+                    d = _distances(x_row, one == 0, c_row, codes, valid, D, sxd, sck, scd, kept,
+                                   t, METRIC, SCRATCH, BLOCK_D)
                     best_d, best_j = fold_next(d, codes, valid, prev_d, prev_j, best_d,
                                                best_j, K)
             tl.store(dist_ptr + row * K_SEL + t + one, best_d)
             tl.store(idx_ptr + row * K_SEL + t + one, best_j.to(tl.int64))
             prev_d = best_d
             prev_j = best_j
+            if SCRATCH:  # this pass's scratch writes (or reads) are done before the next's
+                tl.debug_barrier()
 
 
 @triton.jit
 def _split_topk_kernel(x_ptr, c_ptr, order_ptr, count_ptr, part_d_ptr, part_i_ptr,
-                       G, K, D, sxn, sxg, sxd, scg, sck, scd, num_splits, split_codes,
-                       METRIC: tl.constexpr, K_SEL: tl.constexpr, ROWS: tl.constexpr,
-                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+                       scratch_ptr, G, K, D, sxn, sxg, sxd, scg, sck, scd, num_splits,
+                       split_codes, METRIC: tl.constexpr, K_SEL: tl.constexpr,
+                       ROWS: tl.constexpr, SCRATCH: tl.constexpr, BLOCK: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     """Item (batch, s): the K_SEL best codes of chunk s for the ROWS flagged rows
     order[batch * ROWS ...], each found as the lexicographically next (dist, index) after the
-    previous one. The rows of a batch share the chunk's code tiles."""
+    previous one. The rows of a batch share the chunk's code tiles. With SCRATCH the first
+    pass keeps the distances in the program's [ROWS, split_codes] float64 slice of
+    scratch_ptr and the later passes read them back instead of recomputing them."""
     offs = tl.arange(0, BLOCK)
+    own = (scratch_ptr + tl.program_id(0).to(tl.int64) * ROWS * split_codes
+           + tl.arange(0, ROWS)[:, None].to(tl.int64) * split_codes)
     count = tl.load(count_ptr)
     total = tl.cdiv(count, ROWS) * num_splits
     for item in range(tl.program_id(0), total, tl.num_programs(0)):
@@ -89,14 +119,16 @@ def _split_topk_kernel(x_ptr, c_ptr, order_ptr, count_ptr, part_d_ptr, part_i_pt
             for k0 in range(lo, hi, BLOCK):
                 codes = tl.broadcast_to((k0 + offs)[None, :], [ROWS, BLOCK])
                 valid = codes < hi
-                d = exact_distances(x_rows, row_ok, c_rows, codes, valid, D, sxd, sck, scd,
-                                    METRIC, BLOCK_D)
+                d = _distances(x_rows, row_ok, c_rows, codes, valid, D, sxd, sck, scd,
+                               own + (codes - lo), t, METRIC, SCRATCH, BLOCK_D)
                 best_d, best_j = fold_next(d, codes, valid, prev_d, prev_j, best_d, best_j, K)
             out = ((slots * num_splits + item % num_splits) * K_SEL + t).to(tl.int64)
             tl.store(part_d_ptr + out, best_d, mask=row_ok)
             tl.store(part_i_ptr + out, best_j.to(tl.int64), mask=row_ok)
             prev_d = best_d
             prev_j = best_j
+            if SCRATCH:  # this pass's scratch writes (or reads) are done before the next's
+                tl.debug_barrier()
 
 
 @triton.jit
@@ -147,15 +179,24 @@ def num_programs(device):
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _scratch(k, values, device):
+    """float64 [values] for the distances kept between the k passes of a walk, or a [1]
+    placeholder (the walk recomputes them) for k = 1 or above SCRATCH_BYTES."""
+    keep = k > 1 and 8 * values <= SCRATCH_BYTES
+    return torch.empty(values if keep else 1, device=device, dtype=torch.float64)
+
+
 def walk_lanes(x3, cb3, cand, order, count, dist, idx, k, metric_id, strides, lanes,
                block_d):
     """Rows order[:count] (FLAG_LANES): dist, idx [N, G, k] from every code of their
     candidates' lanes (code j in lane j % lanes)."""
     num_groups, num_codes, dim = cb3.shape[0], cb3.shape[1], x3.shape[2]
-    _lane_topk_kernel[(num_programs(x3.device),)](
-        x3, cb3, cand, order, count, dist, idx, num_groups, num_codes, dim, lanes, *strides,
-        METRIC=metric_id, K_SEL=k, CAND=cand.shape[-1], BLOCK=2048 // block_d,
-        BLOCK_D=block_d, num_warps=4, enable_fp_fusion=False)
+    programs = num_programs(x3.device)
+    scratch = _scratch(k, programs * cand.shape[-1] * triton.cdiv(num_codes, lanes), x3.device)
+    _lane_topk_kernel[(programs,)](
+        x3, cb3, cand, order, count, dist, idx, scratch, num_groups, num_codes, dim, lanes,
+        *strides, METRIC=metric_id, K_SEL=k, CAND=cand.shape[-1], SCRATCH=scratch.numel() > 1,
+        BLOCK=2048 // block_d, BLOCK_D=block_d, num_warps=4, enable_fp_fusion=False)
 
 
 def scan_all_codes(x3, cb3, order, count, dist, idx, k, metric_id, strides, block_d):
@@ -171,10 +212,12 @@ def scan_all_codes(x3, cb3, order, count, dist, idx, k, metric_id, strides, bloc
     part_i = torch.empty(rows * num_splits * k, device=x3.device, dtype=torch.int64)
     programs = num_programs(x3.device)
     batch = _rows_per_batch(cb3)
+    scratch = _scratch(k, programs * batch * split_codes, x3.device)
     _split_topk_kernel[(programs,)](
-        x3, cb3, order, count, part_d, part_i, num_groups, num_codes, dim, *strides,
+        x3, cb3, order, count, part_d, part_i, scratch, num_groups, num_codes, dim, *strides,
         num_splits, split_codes, METRIC=metric_id, K_SEL=k, ROWS=batch,
-        BLOCK=2048 // (batch * block_d), BLOCK_D=block_d, num_warps=4, enable_fp_fusion=False)
+        SCRATCH=scratch.numel() > 1, BLOCK=2048 // (batch * block_d), BLOCK_D=block_d,
+        num_warps=4, enable_fp_fusion=False)
     _merge_topk_kernel[(programs,)](order, count, part_d, part_i, dist, idx, num_codes,
                                     num_splits * k, K_SEL=k, BLOCK=128, num_warps=4)
 
@@ -182,19 +225,23 @@ def scan_all_codes(x3, cb3, order, count, dist, idx, k, metric_id, strides, bloc
 # Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed).
 _TYPES = {"x_ptr": "*fp32", "c_ptr": "*fp32", "cand_ptr": "*i32", "dist_ptr": "*fp32",
           "idx_ptr": "*i64", "order_ptr": "*i64", "count_ptr": "*i64", "part_d_ptr": "*fp64",
-          "part_i_ptr": "*i64"}
+          "part_i_ptr": "*i64", "scratch_ptr": "*fp64"}
 _NO_FMA = {"enable_fp_fusion": False}
 COMPILE_CASES = [
-    ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, ROWS=8, BLOCK=16, BLOCK_D=16), _TYPES,
-     _NO_FMA),
-    ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, ROWS=1, BLOCK=128, BLOCK_D=16), _TYPES,
-     _NO_FMA),
-    ("_split_topk_kernel", dict(METRIC=2, K_SEL=4, ROWS=8, BLOCK=32, BLOCK_D=8), _TYPES,
-     _NO_FMA),
-    ("_lane_topk_kernel", dict(METRIC=0, K_SEL=1, CAND=16, BLOCK=128, BLOCK_D=16), _TYPES,
-     _NO_FMA),
-    ("_lane_topk_kernel", dict(METRIC=2, K_SEL=4, CAND=16, BLOCK=256, BLOCK_D=8), _TYPES,
-     _NO_FMA),
+    ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, ROWS=8, SCRATCH=False, BLOCK=16, BLOCK_D=16),
+     _TYPES, _NO_FMA),
+    ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, ROWS=1, SCRATCH=False, BLOCK=128,
+                                BLOCK_D=16), _TYPES, _NO_FMA),
+    ("_split_topk_kernel", dict(METRIC=2, K_SEL=4, ROWS=8, SCRATCH=False, BLOCK=32, BLOCK_D=8),
+     _TYPES, _NO_FMA),
+    ("_split_topk_kernel", dict(METRIC=0, K_SEL=64, ROWS=8, SCRATCH=True, BLOCK=16,
+                                BLOCK_D=16), _TYPES, _NO_FMA),
+    ("_lane_topk_kernel", dict(METRIC=0, K_SEL=1, CAND=16, SCRATCH=False, BLOCK=128,
+                               BLOCK_D=16), _TYPES, _NO_FMA),
+    ("_lane_topk_kernel", dict(METRIC=2, K_SEL=4, CAND=16, SCRATCH=False, BLOCK=256, BLOCK_D=8),
+     _TYPES, _NO_FMA),
+    ("_lane_topk_kernel", dict(METRIC=0, K_SEL=64, CAND=128, SCRATCH=True, BLOCK=128,
+                               BLOCK_D=16), _TYPES, _NO_FMA),
     ("_merge_topk_kernel", dict(K_SEL=1, BLOCK=128), _TYPES),
     ("_merge_topk_kernel", dict(K_SEL=8, BLOCK=128), _TYPES),
 ]
