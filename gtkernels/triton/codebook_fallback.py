@@ -227,21 +227,15 @@ _TYPES = {"x_ptr": "*fp32", "c_ptr": "*fp32", "cand_ptr": "*i32", "dist_ptr": "*
           "idx_ptr": "*i64", "order_ptr": "*i64", "count_ptr": "*i64", "part_d_ptr": "*fp64",
           "part_i_ptr": "*i64", "scratch_ptr": "*fp64"}
 _NO_FMA = {"enable_fp_fusion": False}
+# (METRIC, K_SEL, ROWS or CAND, SCRATCH, BLOCK, BLOCK_D)
 COMPILE_CASES = [
-    ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, ROWS=8, SCRATCH=False, BLOCK=16, BLOCK_D=16),
-     _TYPES, _NO_FMA),
-    ("_split_topk_kernel", dict(METRIC=0, K_SEL=1, ROWS=1, SCRATCH=False, BLOCK=128,
-                                BLOCK_D=16), _TYPES, _NO_FMA),
-    ("_split_topk_kernel", dict(METRIC=2, K_SEL=4, ROWS=8, SCRATCH=False, BLOCK=32, BLOCK_D=8),
-     _TYPES, _NO_FMA),
-    ("_split_topk_kernel", dict(METRIC=0, K_SEL=64, ROWS=8, SCRATCH=True, BLOCK=16,
-                                BLOCK_D=16), _TYPES, _NO_FMA),
-    ("_lane_topk_kernel", dict(METRIC=0, K_SEL=1, CAND=16, SCRATCH=False, BLOCK=128,
-                               BLOCK_D=16), _TYPES, _NO_FMA),
-    ("_lane_topk_kernel", dict(METRIC=2, K_SEL=4, CAND=16, SCRATCH=False, BLOCK=256, BLOCK_D=8),
-     _TYPES, _NO_FMA),
-    ("_lane_topk_kernel", dict(METRIC=0, K_SEL=64, CAND=128, SCRATCH=True, BLOCK=128,
-                               BLOCK_D=16), _TYPES, _NO_FMA),
-    ("_merge_topk_kernel", dict(K_SEL=1, BLOCK=128), _TYPES),
-    ("_merge_topk_kernel", dict(K_SEL=8, BLOCK=128), _TYPES),
-]
+    ("_split_topk_kernel", dict(METRIC=m, K_SEL=k, ROWS=r, SCRATCH=keep, BLOCK=b, BLOCK_D=bd),
+     _TYPES, _NO_FMA)
+    for m, k, r, keep, b, bd in [(0, 1, 8, False, 16, 16), (0, 1, 1, False, 128, 16),
+                                 (2, 4, 8, False, 32, 8), (0, 64, 8, True, 16, 16)]
+] + [
+    ("_lane_topk_kernel", dict(METRIC=m, K_SEL=k, CAND=c, SCRATCH=keep, BLOCK=b, BLOCK_D=bd),
+     _TYPES, _NO_FMA)
+    for m, k, c, keep, b, bd in [(0, 1, 16, False, 128, 16), (2, 4, 16, False, 256, 8),
+                                 (0, 64, 128, True, 128, 16)]
+] + [("_merge_topk_kernel", dict(K_SEL=k, BLOCK=128), _TYPES) for k in (1, 8)]
