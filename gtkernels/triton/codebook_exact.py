@@ -61,7 +61,7 @@ def _rerank_kernel(x_ptr, c_ptr, cand_ptr, flag_ptr, order_ptr, count_ptr, dist_
         ds = exact_distances(x_rows, live, c_rows, tl.maximum(code, 0)[:, None],
                              (code >= 0)[:, None], D, sxd, sck, scd, METRIC, BLOCK_D)
         d = tl.where(slots[None, :] == s, ds, d)
-    for t in tl.static_range(K_SEL):
+    for t in range(K_SEL):  # a loop, not unrolled: k = 64 unrolled took ptxas minutes
         m = tl.min(d, axis=1)
         j = tl.min(tl.where(d == m[:, None], codes, K), axis=1)
         tl.store(dist_ptr + rows * K_SEL + t, m, mask=live)
@@ -159,7 +159,10 @@ def rerank_and_fallback(x3, cb3, cand, flag, dist, idx, k, metric_id, strides, c
             BLOCK=2048 // (CHUNK_ROWS * d_pad), D_PAD=d_pad, BLOCK_D=block_d, num_warps=4,
             enable_fp_fusion=False)
     else:
-        rerank_rows = 16  # [16, CAND <= 128] float64 distances: 154 registers (ptxas, sm_90a)
+        # [rows, CAND] float64 distances of at most 256 values: 16 rows for k <= 8 (CAND 16,
+        # 154 registers, ptxas sm_90a), fewer as k grows (at 16 x 128, k = 64, ptxas ran
+        # for over ten minutes).
+        rerank_rows = max(1, 256 // cand_slots)
         _rerank_kernel[(triton.cdiv(rows, rerank_rows),)](
             x3, cb3, cand, flag, order, counts, dist, idx, rows, num_groups, num_codes, dim,
             *strides, METRIC=metric_id, K_SEL=k, CAND=cand_slots, ROWS=rerank_rows,
@@ -179,6 +182,7 @@ COMPILE_CASES = [
     # Unit strides as the JIT specialises them: the tile layout that fused unevenly (k = 8).
     ("_rerank_kernel", dict(METRIC=0, K_SEL=8, CAND=16, ROWS=16, BLOCK_D=16, sxd=1, scd=1),
      _TYPES, _NO_FMA),
+    ("_rerank_kernel", dict(METRIC=0, K_SEL=64, CAND=128, ROWS=2, BLOCK_D=16), _TYPES, _NO_FMA),
     ("_chunk_exact_kernel", dict(METRIC=0, CAND=16, ROWS=8, BLOCK=32, D_PAD=8, BLOCK_D=8),
      dict(_TYPES, x_ptr="*bf16", c_ptr="*bf16", terms_ptr="*fp32", eps_ptr="*fp32"), _NO_FMA),
     ("_chunk_exact_kernel", dict(METRIC=1, CAND=16, ROWS=8, BLOCK=8, D_PAD=32, BLOCK_D=16),
