@@ -392,8 +392,9 @@ def test_triton_lane_walk_on_every_row(metric, k, scratch, monkeypatch):
 
 @needs_triton
 def test_triton_search_lane_collision_walks_the_lane(monkeypatch):
-    """Two copies of the nearest code in one lane of the interleaved scan (k = 2, 64 lanes
-    in the interpreter): the row is flagged FLAG_LANES and its lanes' walk is exact."""
+    """Two copies of the nearest code in one lane of the interleaved scan (k = 2; codes 5 and
+    133 share lane 5 at every lane count the scan takes: 32, 64 or 128): the row is flagged
+    FLAG_LANES and its lanes' walk is exact."""
     from gtkernels.triton import codebook as cbm
     from gtkernels.triton.codebook_exact import FLAG_LANES
 
@@ -406,7 +407,7 @@ def test_triton_search_lane_collision_walks_the_lane(monkeypatch):
     monkeypatch.setattr(cbm, "rerank_and_fallback", spy)
     device = triton_device()
     codebook = torch.randn(300, 6, device=device)
-    codebook[5 + 64] = codebook[5].clone()                    # lane 5 of 64
+    codebook[5 + 128] = codebook[5].clone()
     x = torch.cat([codebook[5:6] + 1e-3 * torch.randn(4, 6, device=device),
                    torch.randn(4, 6, device=device)])
     dist, idx = cbm.codebook_search(x[:, None], codebook[None], 2, "l2")
