@@ -159,12 +159,26 @@ def dense_sq_distances(x, codebook):
 
 @impl(FAMILY, "dense log_softmax + kl_div", problems=["distill"])
 def dense_distill(inputs):
+    """The teacher's assignment as log-probabilities (log_target=True): the leaner dense form."""
     s, t, c, temp = inputs["student"], inputs["teacher"], inputs["codebook"], inputs["temperature"]
 
     def loss():
         log_q = F.log_softmax(-dense_sq_distances(s, c) / temp, dim=-1)
         log_p = F.log_softmax(-dense_sq_distances(t, c) / temp, dim=-1)
         return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    return loss
+
+
+@impl(FAMILY, "VQGraph's kl_div (softmax target)", problems=["distill"])
+def vqgraph_distill(inputs):
+    """VQGraph's training loop: the teacher's assignment as probabilities (softmax) and
+    kl_div's default probability target, which keeps p and takes its log inside kl_div."""
+    s, t, c, temp = inputs["student"], inputs["teacher"], inputs["codebook"], inputs["temperature"]
+
+    def loss():
+        log_q = F.log_softmax(-dense_sq_distances(s, c) / temp, dim=-1)
+        p = F.softmax(-dense_sq_distances(t, c) / temp, dim=-1)
+        return F.kl_div(log_q, p, reduction="batchmean")
     return loss
 
 
