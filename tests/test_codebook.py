@@ -564,11 +564,9 @@ if HAS_TRITON:
 
 
 @needs_triton
-def test_triton_split_tf32_matches_host(monkeypatch):
-    """The kernels' tf32 split (bit rounding, run by the interpreter) and the host's give the
-    same (hi, lo): hi has tf32's 10 mantissa bits, hi + lo == x, |lo| <= half an ulp of hi."""
-    from gtkernels.triton import code_distill_common
-
+def test_triton_split_tf32():
+    """The kernels' tf32 split (bit rounding, run by the interpreter): hi has tf32's 10 mantissa
+    bits, hi + lo == x, |lo| <= half an ulp of hi."""
     x = torch.cat([torch.randn(200) * 10.0 ** torch.randint(-30, 30, (200,)),
                    torch.tensor([0.0, -0.0, 1.0, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -12, -2.5e-38])])
     x = x.to(triton_device())
@@ -577,8 +575,37 @@ def test_triton_split_tf32_matches_host(monkeypatch):
     assert not (hi.view(torch.int32) & 0x1FFF).any()
     assert torch.equal(hi + lo, x)
     assert (lo.abs() <= hi.abs() * 2.0 ** -11).all()
-    monkeypatch.setattr(code_distill_common, "interpreting", lambda: False)
-    assert torch.equal(code_distill_common.split_tf32_pairs(x), torch.stack([hi, lo]))
+
+
+@needs_triton
+@pytest.mark.parametrize("per_row", [True, False])
+def test_split_half_pairs(per_row):
+    """fp16 pairs of the distillation's logit operands: 22 significant bits, every row's (the
+    tensor's) largest |x| scaled into [2**13, 2**14), exact reconstruction for fp16-sized
+    values, and rows of zeros, fp32 subnormals and values near fp32's largest."""
+    from gtkernels.triton.code_distill_common import split_half_pairs
+
+    magnitudes = torch.tensor([1e-38, 1e-30, 1e-8, 1.0, 3e4, 1e20, 3e38, 0.0, 1e-42, 5.0])
+    x = torch.randn(10, 37, dtype=torch.float64) * magnitudes[:, None].double()
+    x[4, 3] = 1e-45 if per_row else 0.0  # a subnormal beside fp16-sized values
+    x = x.clamp(-3.4e38, 3.4e38).float().to(triton_device())
+    pairs, inv = split_half_pairs(x, per_row=per_row)
+    assert pairs.dtype == torch.float16 and pairs.shape == (2, 10, 37)
+    assert inv.shape == ((10,) if per_row else (1,)) and torch.isfinite(inv).all()
+    assert torch.isfinite(pairs.float()).all()
+    inv = inv.double()[:, None] if per_row else inv.double()
+    back = (pairs[0].double() + pairs[1].double()) * inv
+    amax = x.double().abs().amax(1, keepdim=True) if per_row else x.double().abs().amax()
+    scaled = amax / inv
+    assert ((scaled >= 2.0 ** 13) & (scaled < 2.0 ** 14) | (amax == 0) | (amax < 2.0 ** -112)).all()
+    err = (back - x.double()).abs()
+    assert (err <= x.double().abs() * 2.0 ** -21 + amax * 2.0 ** -38).all()
+    assert torch.equal(back[7], torch.zeros(37, dtype=torch.float64, device=x.device))
+    # values with 11 significant bits come back exactly, at any scale
+    exact = torch.randn(2, 37).half().float() * torch.tensor([[2.0 ** -20], [2.0 ** 30]])
+    pairs, inv = split_half_pairs(exact.to(x.device), per_row=per_row)
+    back = (pairs[0].float() + pairs[1].float()) * (inv[:, None] if per_row else inv)
+    assert torch.equal(back.cpu(), exact) if per_row else torch.equal(back[1].cpu(), exact[1])
 
 
 # --- GPU: larger sizes against float64 -----------------------------------------------------

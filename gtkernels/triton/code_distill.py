@@ -13,20 +13,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .code_distill_common import launch, load_codes, load_rows, logits, tuned
+from .code_distill_common import launch, load_pair, pair_dot, split_half_pairs, tuned
 from .code_distill_split import split_backward
 from .norms import row_sq_norms
 
 
 @triton.jit
-def _forward_kernel(s_ptr, t_ptr, c_ptr, cn_ptr, kl_ptr, stats_ptr, N, K, D, dot_scale,
-                    norm_scale, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, DP: tl.constexpr):
+def _forward_kernel(s2_ptr, s_inv_ptr, t2_ptr, t_inv_ptr, c2_ptr, c_inv_ptr, cn_ptr, kl_ptr,
+                    stats_ptr, N, K, D, dot_scale, norm_scale, PRECISION: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DP: tl.constexpr):
+    """s2, t2 [2, N, D] and c2 [2, K, D]: fp16 pairs (split_half_pairs) with inverse scales
+    s_inv, t_inv [N] and c_inv [1]; cn [K] fp32 squared code norms."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     dcols = tl.arange(0, DP)
-    t = load_rows(t_ptr, rows, row_mask, dcols, D)
-    s = load_rows(s_ptr, rows, row_mask, dcols, D)
+    t_hi, t_lo, t_inv = load_pair(t2_ptr, t_inv_ptr, rows, row_mask, dcols, N, D)
+    s_hi, s_lo, s_inv = load_pair(s2_ptr, s_inv_ptr, rows, row_mask, dcols, N, D)
+    c_inv = tl.load(c_inv_ptr)
+    t_scale = (dot_scale * c_inv * t_inv)[:, None]
+    s_scale = (dot_scale * c_inv * s_inv)[:, None]
+    zero = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     max_a = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     max_b = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     sum_a = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -35,8 +41,10 @@ def _forward_kernel(s_ptr, t_ptr, c_ptr, cn_ptr, kl_ptr, stats_ptr, N, K, D, dot
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
         valid = codes < K
-        c, cn = load_codes(c_ptr, cn_ptr, codes, valid, dcols, D)
-        a, b = logits(t, s, c, cn, dot_scale, norm_scale, PRECISION)
+        c_hi, c_lo, _ = load_pair(c2_ptr, c_inv_ptr, codes, valid, dcols, K, D)
+        norm = norm_scale * tl.load(cn_ptr + codes, mask=valid, other=0.0)[None, :]
+        a = pair_dot(t_hi, t_lo, tl.trans(c_hi), tl.trans(c_lo), zero, PRECISION) * t_scale - norm
+        b = pair_dot(s_hi, s_lo, tl.trans(c_hi), tl.trans(c_lo), zero, PRECISION) * s_scale - norm
         diff = a - b
         a = tl.where(valid[None, :], a, float("-inf"))
         b = tl.where(valid[None, :], b, float("-inf"))
@@ -79,9 +87,9 @@ def code_distill_loss(student, teacher, codebook, temperature, metric):
         return kl.to(out_dtype), stats.to(out_dtype)
     dot_scale, norm_scale = _scales(temperature, metric)
     launch(_forward_kernel, _forward_tuned,
-            lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]),),
-            s, t, c, row_sq_norms(c), kl, stats, num_rows, c.shape[0], dim, dot_scale,
-            norm_scale, dim=dim)
+           lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]),),
+           *split_half_pairs(s), *split_half_pairs(t), *split_half_pairs(c, per_row=False),
+           row_sq_norms(c), kl, stats, num_rows, c.shape[0], dim, dot_scale, norm_scale, dim=dim)
     if s.dtype == torch.float64:
         return kl.double(), stats.double()
     return kl, stats
@@ -112,7 +120,9 @@ def code_distill_loss_backward(grad_row_kl, student, teacher, codebook, stats, t
 
 
 # Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed).
-_TYPES = {n: "*fp32" for n in ("s_ptr", "t_ptr", "c_ptr", "cn_ptr", "stats_ptr", "kl_ptr")}
-_TYPES.update(dot_scale="fp32", norm_scale="fp32")
-_BLOCKS = dict(PRECISION="tf32x3", BLOCK_N=64, BLOCK_K=64, DP=64)
+_TYPES = {n: "*fp32" for n in ("s_inv_ptr", "t_inv_ptr", "c_inv_ptr", "cn_ptr", "stats_ptr",
+                               "kl_ptr")}
+_TYPES.update({n: "*fp16" for n in ("s2_ptr", "t2_ptr", "c2_ptr")}, dot_scale="fp32",
+              norm_scale="fp32")
+_BLOCKS = dict(PRECISION="tf32", BLOCK_N=64, BLOCK_K=64, DP=64)
 COMPILE_CASES = [("_forward_kernel", _BLOCKS, _TYPES)]

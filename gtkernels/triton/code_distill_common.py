@@ -1,4 +1,12 @@
-"""Tile helpers shared by the distillation kernels (code_distill.py, code_distill_split.py)."""
+"""Tile helpers shared by the distillation kernels (code_distill.py, code_distill_split.py).
+
+The logits' operands t, s and c come split from the host into fp16 pairs (split_half_pairs):
+x = (hi + lo) / scale with a power-of-two scale per row (per tensor for the codebook). Three
+fp16 dots, hi hi + hi lo + lo hi, give an fp32-like product (22 significant bits, as tf32x3)
+at twice tf32's tensor-core rate and half its register and shared-memory footprint. Products
+whose scale no host split can bound (the backward's gradient tiles against rows of x) use
+in-kernel tf32 splits (split_tf32) instead.
+"""
 import torch
 import triton
 import triton.language as tl
@@ -6,13 +14,8 @@ import triton.language as tl
 from . import interpreting
 from ._common import autotune
 
-
-@triton.jit
-def logits(rows_t, rows_s, codes, cn, dot_scale, norm_scale, PRECISION: tl.constexpr):
-    """rows [BN, DP] fp32, codes [BK, DP] fp32 -> teacher and student logits [BN, BK]."""
-    tdot = tl.dot(rows_t, tl.trans(codes), input_precision=PRECISION)
-    sdot = tl.dot(rows_s, tl.trans(codes), input_precision=PRECISION)
-    return dot_scale * tdot - norm_scale * cn[None, :], dot_scale * sdot - norm_scale * cn[None, :]
+# Scaled operands stay below 2**HALF_EXPONENT (fp16's largest finite value is 65,504).
+HALF_EXPONENT = 14
 
 
 @triton.jit
@@ -22,10 +25,57 @@ def load_rows(ptr, rows, mask_rows, cols, D):
 
 
 @triton.jit
-def load_codes(c_ptr, cn_ptr, codes, valid, cols, D):
-    """Codes [BK, DP] fp32 and their squared norms [BK] (0 outside `valid`)."""
-    return (load_rows(c_ptr, codes, valid, cols, D),
-            tl.load(cn_ptr + codes, mask=valid, other=0.0))
+def load_pair(ptr, inv_ptr, rows, mask_rows, cols, R, D):
+    """Rows of a split operand (split_half_pairs: ptr [2, R, D] fp16, inv_ptr [R] fp32) ->
+    hi, lo [BR, DP] fp16 and the rows' inverse scales [BR] fp32 (0 outside mask_rows)."""
+    rows64 = rows[:, None].to(tl.int64)
+    mask = mask_rows[:, None] & (cols[None, :] < D)
+    return (tl.load(ptr + rows64 * D + cols[None, :], mask=mask, other=0.0),
+            tl.load(ptr + (rows64 + R) * D + cols[None, :], mask=mask, other=0.0),
+            tl.load(inv_ptr + rows, mask=mask_rows, other=0.0))
+
+
+@triton.jit
+def unsplit(hi, lo, inv):
+    """The fp32 values of a pair: (hi + lo) inv, exact; inv broadcastable ([BR, 1] or a
+    scalar)."""
+    return (hi.to(tl.float32) + lo.to(tl.float32)) * inv
+
+
+@triton.jit
+def pair_dot(a_hi, a_lo, b_hi, b_lo, zero, PRECISION: tl.constexpr):
+    """a b from split operands (fp16 pairs, or tf32 pairs of split_tf32): three dots into
+    `zero`, the small terms first (a_lo b_hi, a_hi b_lo, then a_hi b_hi, the order of
+    Triton's tf32x3)."""
+    small = tl.dot(a_hi, b_lo, tl.dot(a_lo, b_hi, zero, input_precision=PRECISION),
+                   input_precision=PRECISION)
+    return tl.dot(a_hi, b_hi, small, input_precision=PRECISION)
+
+
+@triton.jit
+def pair_dot_transposed(a_hi, a_lo, b_hi, b_lo, zero, PRECISION: tl.constexpr):
+    """pair_dot(b^T, a^T)^T term by term (a_hi b_lo first): transposed logits c t^T that
+    round as the forward's t c^T (the same products in the same order)."""
+    small = tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo, zero, input_precision=PRECISION),
+                   input_precision=PRECISION)
+    return tl.dot(a_hi, b_hi, small, input_precision=PRECISION)
+
+
+@triton.jit
+def pair_dot_sum(a_hi, a_lo, b_hi, b_lo, big, small, PRECISION: tl.constexpr):
+    """(big + a_hi b_hi, small + a_hi b_lo + a_lo b_hi): a running sum of products a b kept in
+    two accumulators, so that adding the small terms does not round at the scale of the sum
+    (one accumulator erred about 3x as much as one fp32 dot); the sum is big + small."""
+    small = tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo, small, input_precision=PRECISION),
+                   input_precision=PRECISION)
+    return tl.dot(a_hi, b_hi, big, input_precision=PRECISION), small
+
+
+@triton.jit
+def split_half(x):
+    """fp32 x (|x| < 2**15) -> fp16 (hi, lo), hi + lo = x to 22 significant bits."""
+    hi = x.to(tl.float16)
+    return hi, (x - hi.to(tl.float32)).to(tl.float16)
 
 
 @triton.jit
@@ -61,43 +111,20 @@ def split_tf32(x, PRECISION: tl.constexpr):
     return hi, x - hi
 
 
-@triton.jit
-def triple_dot(a_hi, a_lo, b_hi, b_lo, zero, PRECISION: tl.constexpr):
-    """a b from split operands (split_tf32): three tf32 dots into `zero`, the small terms
-    first, in the order of Triton's tf32x3 (a_lo b_hi, a_hi b_lo, a_hi b_hi), so that logits
-    recomputed here round as the forward's did."""
-    small = tl.dot(a_hi, b_lo, tl.dot(a_lo, b_hi, zero, input_precision=PRECISION),
-                   input_precision=PRECISION)
-    return tl.dot(a_hi, b_hi, small, input_precision=PRECISION)
-
-
-@triton.jit
-def triple_dot_transposed(a_hi, a_lo, b_hi, b_lo, zero, PRECISION: tl.constexpr):
-    """triple_dot(b^T, a^T)^T term by term (a_hi b_lo first): transposed logits c t^T that
-    round as the forward's t c^T (same products in the same order on the tensor cores)."""
-    small = tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo, zero, input_precision=PRECISION),
-                   input_precision=PRECISION)
-    return tl.dot(a_hi, b_hi, small, input_precision=PRECISION)
-
-
-@triton.jit
-def triple_dot_sum(a_hi, a_lo, b_hi, b_lo, big, small, PRECISION: tl.constexpr):
-    """(big + a_hi b_hi, small + a_hi b_lo + a_lo b_hi): a running sum of products a b kept in
-    two accumulators, so that adding the small terms does not round at the scale of the sum
-    (one accumulator erred about 3x as much as one fp32 dot); the sum is big + small."""
-    small = tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo, small, input_precision=PRECISION),
-                   input_precision=PRECISION)
-    return tl.dot(a_hi, b_hi, big, input_precision=PRECISION), small
-
-
-def split_tf32_pairs(x):
-    """[R, D] -> fp32 [2, R, D]: (hi, lo) of split_tf32, for operands split once on the host
-    ((x, 0) in the interpreter, like split_tf32 with "ieee")."""
+def split_half_pairs(x, per_row=True):
+    """[R, D] float -> (pairs fp16 [2, R, D], inv fp32 [R], or [1] with per_row=False):
+    x = (hi + lo) inv to 22 significant bits, with hi = fp16(x / inv), lo = fp16(x / inv - hi)
+    and inv the power of two that brings the row's (the tensor's) largest |x| into
+    [2**13, 2**14). An element below 2**-28 of that largest loses bits: its absolute error stays
+    under 2**-38 of the largest."""
     x = x.float()
-    if interpreting():
-        return torch.stack([x, torch.zeros_like(x)])
-    hi = ((x.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
-    return torch.stack([hi, x - hi])
+    amax = x.abs().amax(1) if per_row else x.abs().amax().reshape(1)
+    _, exponent = torch.frexp(amax)  # amax < 2**exponent
+    exponent = torch.where(amax > 0, exponent, 0).clamp(-112, 128)
+    inv = torch.ldexp(torch.ones_like(amax), exponent - HALF_EXPONENT)
+    scaled = x / (inv[:, None] if per_row else inv)
+    hi = scaled.half()
+    return torch.stack([hi, (scaled - hi.float()).half()]), inv
 
 
 def prune_distill_configs(configs, named_args, **kwargs):
@@ -116,13 +143,12 @@ def tuned(kernel, key, shapes):
         key=key, prune_configs_by={"early_config_prune": prune_distill_configs})(kernel)
 
 
-def launch(kernel, tuned_kernel, grid, *args, dim, precision="tf32x3", **flags):
-    """Runs `kernel` over grid(meta) programs: autotuned on a GPU with PRECISION=precision
-    ("tf32x3": fp32 dots as 3 tf32 passes, fp32-like accuracy; "tf32" for kernels that split
-    their operands themselves), one small configuration with "ieee" in the interpreter."""
+def launch(kernel, tuned_kernel, grid, *args, dim, **flags):
+    """Runs `kernel` over grid(meta) programs: autotuned on a GPU with PRECISION="tf32" (for the
+    in-kernel tf32 splits), one small configuration with "ieee" in the interpreter."""
     d_pad = max(16, triton.next_power_of_2(dim))
     if interpreting():
         meta = dict(BLOCK_N=16, BLOCK_K=16)
         kernel[grid(meta)](*args, PRECISION="ieee", DP=d_pad, **flags, **meta)
     else:
-        tuned_kernel[grid](*args, PRECISION=precision, DP=d_pad, **flags)
+        tuned_kernel[grid](*args, PRECISION="tf32", DP=d_pad, **flags)
