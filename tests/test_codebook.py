@@ -553,28 +553,52 @@ def test_triton_distill(metric, sizes, mask, monkeypatch):
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from gtkernels.triton.code_distill_common import split_tf32
+    from gtkernels.triton.code_distill_common import (HALF_TOP, MIN_SCALE, pair_dot_sum,
+                                                      rescaled_max, split_half)
 
     @triton.jit
-    def _split_tf32_kernel(x_ptr, hi_ptr, lo_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.arange(0, BLOCK)
-        hi, lo = split_tf32(tl.load(x_ptr + offs, mask=offs < n), "tf32")
-        tl.store(hi_ptr + offs, hi, mask=offs < n)
-        tl.store(lo_ptr + offs, lo, mask=offs < n)
+    def _online_half_sum_kernel(x_ptr, y_ptr, out_ptr, C, R: tl.constexpr, BC: tl.constexpr,
+                                D: tl.constexpr):
+        """out [R, D] = x [R, C] y [C, D] (y already fp16-sized) as the distillation's
+        backward sums it: tiles of BC columns, fp16 pairs, online row scales."""
+        rows, dcols = tl.arange(0, R), tl.arange(0, D)
+        acc = tl.zeros([R, D], dtype=tl.float32)
+        small = tl.zeros([R, D], dtype=tl.float32)
+        row_max = tl.full([R], MIN_SCALE, dtype=tl.float32)
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            x = tl.load(x_ptr + rows[:, None] * C + cols[None, :])
+            y = tl.load(y_ptr + cols[:, None] * D + dcols[None, :])
+            y_hi, y_lo = split_half(y)
+            row_max, rescale, to_half = rescaled_max(row_max, tl.max(tl.abs(x), axis=1))
+            x_hi, x_lo = split_half(x * to_half[:, None])
+            acc, small = pair_dot_sum(x_hi, x_lo, y_hi, y_lo, acc * rescale[:, None],
+                                      small * rescale[:, None])
+        tl.store(out_ptr + rows[:, None] * D + dcols[None, :],
+                 (acc + small) * (row_max / HALF_TOP)[:, None])
 
 
 @needs_triton
-def test_triton_split_tf32():
-    """The kernels' tf32 split (bit rounding, run by the interpreter): hi has tf32's 10 mantissa
-    bits, hi + lo == x, |lo| <= half an ulp of hi."""
-    x = torch.cat([torch.randn(200) * 10.0 ** torch.randint(-30, 30, (200,)),
-                   torch.tensor([0.0, -0.0, 1.0, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -12, -2.5e-38])])
-    x = x.to(triton_device())
-    hi, lo = torch.empty_like(x), torch.empty_like(x)
-    _split_tf32_kernel[(1,)](x, hi, lo, x.numel(), BLOCK=256)
-    assert not (hi.view(torch.int32) & 0x1FFF).any()
-    assert torch.equal(hi + lo, x)
-    assert (lo.abs() <= hi.abs() * 2.0 ** -11).all()
+def test_online_half_sum():
+    """The backward's sums of gradient tiles against fp16 pairs, with per-row scales found
+    online: rows of x from 1e-25 to 1e25 that grow and shrink across the tiles, zero rows and
+    zero tiles. The error stays at fp32 summation's scale, 2**-20 of sum |x| |y| per entry."""
+    rows, cols, dim = 16, 128, 16
+    x = torch.randn(rows, cols, dtype=torch.float64)
+    x *= 10.0 ** torch.linspace(-25, 25, rows, dtype=torch.float64)[:, None]
+    x *= 10.0 ** torch.randint(-6, 7, (1, cols // 16)).double().repeat_interleave(16, 1)
+    x[3] = 0.0
+    x[5, :64] = 0.0
+    y = torch.randn(cols, dim, dtype=torch.float64) * 100  # |y| < 2**14: fp16-sized
+    device = triton_device()
+    out = torch.empty(rows, dim, device=device)
+    _online_half_sum_kernel[(1,)](x.float().to(device), y.float().to(device), out, cols, R=rows,
+                                  BC=16, D=dim)
+    want = x.float().double() @ y.float().double()
+    bound = x.float().double().abs() @ y.float().double().abs() * 2.0 ** -20
+    assert torch.isfinite(out).all()
+    assert ((out.cpu().double() - want).abs() <= bound).all()
+    assert not out[3].any()
 
 
 @needs_triton
@@ -632,6 +656,32 @@ def test_cuda_search_near_ties_grouped(dtype):
     cb2 = torch.stack([codebook, codebook.flip(0)])
     dist, idx = gk.codebook_search(x2, cb2, 8)
     assert_search_exact(x2, cb2, 8, "l2", dist, idx)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_cuda_distill_scaled_inputs(metric):
+    """The fp16 pairs' power-of-two scales (a scale per row of x, one for the codebook) across
+    rows of norm 1e-3 to 1e3 and codes of norm 1e-2 to 1e2: finite, and within 8x the error of
+    the same dense computation in fp32 (the pairs carry 22 significant bits to fp32's 24)."""
+    n, num_codes = 1500, 3000
+    rows = torch.logspace(-3, 3, n, device="cuda")[torch.randperm(n, device="cuda"), None]
+    codes = torch.logspace(-2, 2, num_codes, device="cuda")[:, None]
+    s = torch.randn(n, 48, device="cuda") * rows
+    t = (s + 0.3 * torch.randn(n, 48, device="cuda") * rows)
+    c = torch.randn(num_codes, 48, device="cuda") * codes / 10
+    inputs = [v.requires_grad_() for v in (s, t, c)]
+    loss = gk.code_distill_loss(*inputs, temperature=0.7, metric=metric)
+    grads = torch.autograd.grad(loss, inputs)
+    inputs64 = [v.detach().double().requires_grad_() for v in inputs]
+    loss64 = ref.code_distill_loss(*inputs64, 0.7, metric)
+    grads64 = torch.autograd.grad(loss64, inputs64)
+    inputs32 = [v.detach().clone().requires_grad_() for v in inputs]
+    loss32 = ref.code_distill_loss(*inputs32, 0.7, metric)
+    grads32 = torch.autograd.grad(loss32, inputs32)
+    for name, out, want, base in zip(("loss", "d student", "d teacher", "d codebook"),
+                                     (loss, *grads), (loss64, *grads64), (loss32, *grads32)):
+        assert_within_tolerance(out, want, base, factor=8.0, name=name)
 
 
 @pytest.mark.gpu

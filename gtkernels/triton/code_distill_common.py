@@ -1,11 +1,11 @@
 """Tile helpers shared by the distillation kernels (code_distill.py, code_distill_split.py).
 
-The logits' operands t, s and c come split from the host into fp16 pairs (split_half_pairs):
-x = (hi + lo) / scale with a power-of-two scale per row (per tensor for the codebook). Three
-fp16 dots, hi hi + hi lo + lo hi, give an fp32-like product (22 significant bits, as tf32x3)
-at twice tf32's tensor-core rate and half its register and shared-memory footprint. Products
-whose scale no host split can bound (the backward's gradient tiles against rows of x) use
-in-kernel tf32 splits (split_tf32) instead.
+Every dot runs on fp16 pairs: x = (hi + lo) / scale with a power-of-two scale, and three fp16
+dots, hi hi + hi lo + lo hi, give an fp32-like product (22 significant bits, as tf32x3) at
+twice tf32's tensor-core rate and half its register and shared-memory footprint. The inputs
+t, s and c come split from the host (split_half_pairs: a scale per row, one for the codebook);
+the backward's gradient tiles are split in the kernels with online per-row scales
+(rescaled_max), as flash attention rescales its running softmax sums.
 """
 import torch
 import triton
@@ -16,6 +16,9 @@ from ._common import autotune
 
 # Scaled operands stay below 2**HALF_EXPONENT (fp16's largest finite value is 65,504).
 HALF_EXPONENT = 14
+# In-kernel splits scale a row's largest |x| to HALF_TOP; rows start from MIN_SCALE.
+HALF_TOP = tl.constexpr(2.0 ** 13)
+MIN_SCALE = tl.constexpr(2.0 ** -100)
 
 
 @triton.jit
@@ -36,39 +39,25 @@ def load_pair(ptr, inv_ptr, rows, mask_rows, cols, R, D):
 
 
 @triton.jit
-def unsplit(hi, lo, inv):
-    """The fp32 values of a pair: (hi + lo) inv, exact; inv broadcastable ([BR, 1] or a
-    scalar)."""
-    return (hi.to(tl.float32) + lo.to(tl.float32)) * inv
+def pair_dot(a_hi, a_lo, b_hi, b_lo, zero):
+    """a b from fp16 pairs: three dots into `zero`, the small terms first (a_lo b_hi, a_hi b_lo,
+    then a_hi b_hi, the order of Triton's tf32x3)."""
+    return tl.dot(a_hi, b_hi, tl.dot(a_hi, b_lo, tl.dot(a_lo, b_hi, zero)))
 
 
 @triton.jit
-def pair_dot(a_hi, a_lo, b_hi, b_lo, zero, PRECISION: tl.constexpr):
-    """a b from split operands (fp16 pairs, or tf32 pairs of split_tf32): three dots into
-    `zero`, the small terms first (a_lo b_hi, a_hi b_lo, then a_hi b_hi, the order of
-    Triton's tf32x3)."""
-    small = tl.dot(a_hi, b_lo, tl.dot(a_lo, b_hi, zero, input_precision=PRECISION),
-                   input_precision=PRECISION)
-    return tl.dot(a_hi, b_hi, small, input_precision=PRECISION)
-
-
-@triton.jit
-def pair_dot_transposed(a_hi, a_lo, b_hi, b_lo, zero, PRECISION: tl.constexpr):
+def pair_dot_transposed(a_hi, a_lo, b_hi, b_lo, zero):
     """pair_dot(b^T, a^T)^T term by term (a_hi b_lo first): transposed logits c t^T that
     round as the forward's t c^T (the same products in the same order)."""
-    small = tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo, zero, input_precision=PRECISION),
-                   input_precision=PRECISION)
-    return tl.dot(a_hi, b_hi, small, input_precision=PRECISION)
+    return tl.dot(a_hi, b_hi, tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo, zero)))
 
 
 @triton.jit
-def pair_dot_sum(a_hi, a_lo, b_hi, b_lo, big, small, PRECISION: tl.constexpr):
+def pair_dot_sum(a_hi, a_lo, b_hi, b_lo, big, small):
     """(big + a_hi b_hi, small + a_hi b_lo + a_lo b_hi): a running sum of products a b kept in
     two accumulators, so that adding the small terms does not round at the scale of the sum
     (one accumulator erred about 3x as much as one fp32 dot); the sum is big + small."""
-    small = tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo, small, input_precision=PRECISION),
-                   input_precision=PRECISION)
-    return tl.dot(a_hi, b_hi, big, input_precision=PRECISION), small
+    return tl.dot(a_hi, b_hi, big), tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo, small))
 
 
 @triton.jit
@@ -76,6 +65,18 @@ def split_half(x):
     """fp32 x (|x| < 2**15) -> fp16 (hi, lo), hi + lo = x to 22 significant bits."""
     hi = x.to(tl.float16)
     return hi, (x - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def rescaled_max(running, tile_max):
+    """Online power-of-two row scales for a running sum of products X Y over tiles whose rows
+    of X have no known bound: running [R] (a power of two, MIN_SCALE at first) and the tile's
+    largest |X| per row -> (new running scale, rescale = running / new for the accumulators,
+    HALF_TOP / new for the tile). X HALF_TOP / new lies in fp16's range; an element below
+    2**-27 of its row's largest so far errs by at most 2**-38 of it (fp32-sum-like)."""
+    bits = tl.maximum(running, tile_max).to(tl.uint32, bitcast=True)
+    new = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)  # next power of two
+    return new, running / new, (1.0 / new) * HALF_TOP
 
 
 @triton.jit
@@ -97,18 +98,6 @@ def logit_grads(a, b, lse_a, lse_b, expected, g, valid):
     ga = g * p * (a - b - expected)
     gb = g * (q - p)
     return tl.where(valid, ga, 0.0), tl.where(valid, gb, 0.0)
-
-
-@triton.jit
-def split_tf32(x, PRECISION: tl.constexpr):
-    """fp32 x -> (hi, lo): hi = x rounded to tf32 (10 mantissa bits, to nearest), lo = x - hi
-    (exact in fp32). hi_a hi_b + hi_a lo_b + lo_a hi_b on tf32 tensor cores is an fp32-like
-    product (what input_precision="tf32x3" does). With PRECISION "ieee" (the interpreter, whose
-    dots are exact fp32) hi = x and lo = 0."""
-    if PRECISION == "ieee":
-        return x, tl.zeros_like(x)
-    hi = ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return hi, x - hi
 
 
 def split_half_pairs(x, per_row=True):
@@ -144,11 +133,11 @@ def tuned(kernel, key, shapes):
 
 
 def launch(kernel, tuned_kernel, grid, *args, dim, **flags):
-    """Runs `kernel` over grid(meta) programs: autotuned on a GPU with PRECISION="tf32" (for the
-    in-kernel tf32 splits), one small configuration with "ieee" in the interpreter."""
+    """Runs `kernel` over grid(meta) programs: autotuned on a GPU, one small configuration in
+    the interpreter."""
     d_pad = max(16, triton.next_power_of_2(dim))
     if interpreting():
         meta = dict(BLOCK_N=16, BLOCK_K=16)
-        kernel[grid(meta)](*args, PRECISION="ieee", DP=d_pad, **flags, **meta)
+        kernel[grid(meta)](*args, DP=d_pad, **flags, **meta)
     else:
-        tuned_kernel[grid](*args, PRECISION="tf32", DP=d_pad, **flags)
+        tuned_kernel[grid](*args, DP=d_pad, **flags)
