@@ -7,7 +7,8 @@ with online logsumexps. Backward (code_distill_split): with ga = g p (a - b - E_
 gb = g (q - p), grad_student = dot_scale sum_j gb_nj c_j, grad_teacher likewise with ga, and
 grad_codebook_j = dot_scale sum_n (ga t_n + gb s_n) - 2 norm_scale c_j sum_n (ga + gb); a row
 pass and a code pass recompute the logits, and the code pass's fp32 partials are added in a
-fixed order: deterministic without atomics.
+fixed order: deterministic without atomics. Every dot runs as three fp16 dots on scaled
+(hi, lo) pairs, fp32-like (code_distill_common).
 """
 import torch
 import triton

@@ -15,7 +15,7 @@ from . import interpreting
 from ._common import autotune
 
 # Scaled operands stay below 2**HALF_EXPONENT (fp16's largest finite value is 65,504).
-HALF_EXPONENT = 14
+HALF_EXPONENT = tl.constexpr(14)
 # In-kernel splits scale a row's largest |x| to HALF_TOP; rows start from MIN_SCALE.
 HALF_TOP = tl.constexpr(2.0 ** 13)
 MIN_SCALE = tl.constexpr(2.0 ** -100)
@@ -100,20 +100,48 @@ def logit_grads(a, b, lse_a, lse_b, expected, g, valid):
     return tl.where(valid, ga, 0.0), tl.where(valid, gb, 0.0)
 
 
+@triton.jit
+def _split_half_pairs_kernel(x_ptr, pairs_ptr, inv_ptr, amax_ptr, R, D, PER_ROW: tl.constexpr,
+                             BLOCK_R: tl.constexpr, DP: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, DP)
+    row_mask = rows < R
+    offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+    mask = row_mask[:, None] & (cols[None, :] < D)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if PER_ROW:
+        amax = tl.max(tl.abs(x), axis=1)
+    else:
+        amax = tl.zeros([BLOCK_R], dtype=tl.float32) + tl.load(amax_ptr)
+    # amax < 2**exponent (frexp's exponent; 0 for amax = 0), clamped so that both powers of
+    # two below stay normal fp32 numbers
+    biased = ((amax.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)
+    exponent = tl.where(amax > 0, tl.minimum(tl.maximum(biased - 126, -112), 128), 0)
+    inv = ((exponent - HALF_EXPONENT + 127) << 23).to(tl.float32, bitcast=True)
+    scale = ((127 - exponent + HALF_EXPONENT) << 23).to(tl.float32, bitcast=True)
+    hi, lo = split_half(x * scale[:, None])
+    tl.store(pairs_ptr + offs, hi, mask=mask)
+    tl.store(pairs_ptr + (rows[:, None].to(tl.int64) + R) * D + cols[None, :], lo, mask=mask)
+    tl.store(inv_ptr + rows, inv, mask=row_mask & (PER_ROW or rows == 0))
+
+
 def split_half_pairs(x, per_row=True):
-    """[R, D] float -> (pairs fp16 [2, R, D], inv fp32 [R], or [1] with per_row=False):
-    x = (hi + lo) inv to 22 significant bits, with hi = fp16(x / inv), lo = fp16(x / inv - hi)
-    and inv the power of two that brings the row's (the tensor's) largest |x| into
-    [2**13, 2**14). An element below 2**-28 of that largest loses bits: its absolute error stays
-    under 2**-38 of the largest."""
-    x = x.float()
-    amax = x.abs().amax(1) if per_row else x.abs().amax().reshape(1)
-    _, exponent = torch.frexp(amax)  # amax < 2**exponent
-    exponent = torch.where(amax > 0, exponent, 0).clamp(-112, 128)
-    inv = torch.ldexp(torch.ones_like(amax), exponent - HALF_EXPONENT)
-    scaled = x / (inv[:, None] if per_row else inv)
-    hi = scaled.half()
-    return torch.stack([hi, (scaled - hi.float()).half()]), inv
+    """[R, D] float, contiguous -> (pairs fp16 [2, R, D], inv fp32 [R], or [1] with
+    per_row=False): x = (hi + lo) inv to 22 significant bits, with hi = fp16(x / inv),
+    lo = fp16(x / inv - hi) and inv the power of two that brings the row's (the tensor's)
+    largest |x| into [2**13, 2**14). An element below 2**-28 of that largest loses bits: its
+    absolute error stays under 2**-38 of the largest."""
+    num_rows, dim = x.shape
+    pairs = torch.empty((2, num_rows, dim), device=x.device, dtype=torch.float16)
+    inv = torch.empty(num_rows if per_row else 1, device=x.device, dtype=torch.float32)
+    if num_rows == 0:
+        return pairs, inv.fill_(1.0)
+    amax = inv if per_row else x.abs().amax().float().reshape(1)
+    d_pad = triton.next_power_of_2(dim)
+    block_rows = max(1, 4096 // d_pad)
+    _split_half_pairs_kernel[(triton.cdiv(num_rows, block_rows),)](
+        x, pairs, inv, amax, num_rows, dim, PER_ROW=per_row, BLOCK_R=block_rows, DP=d_pad)
+    return pairs, inv
 
 
 def prune_distill_configs(configs, named_args, **kwargs):
@@ -141,3 +169,11 @@ def launch(kernel, tuned_kernel, grid, *args, dim, **flags):
         kernel[grid(meta)](*args, DP=d_pad, **flags, **meta)
     else:
         tuned_kernel[grid](*args, DP=d_pad, **flags)
+
+
+# Compiled for sm_90 by tests/triton_compile_check.py (no GPU needed).
+_SPLIT_TYPES = {"x_ptr": "*fp32", "pairs_ptr": "*fp16", "inv_ptr": "*fp32", "amax_ptr": "*fp32"}
+COMPILE_CASES = [
+    ("_split_half_pairs_kernel", dict(PER_ROW=True, BLOCK_R=64, DP=64), _SPLIT_TYPES),
+    ("_split_half_pairs_kernel", dict(PER_ROW=False, BLOCK_R=4, DP=1024), _SPLIT_TYPES),
+]

@@ -38,7 +38,8 @@ def _row_grads_kernel(grad_ptr, s2_ptr, s_inv_ptr, t2_ptr, t_inv_ptr, c2_ptr, c_
     lse_a, lse_b, expected, g = row_stats(stats_ptr, grad_ptr, rows, row_mask)
     acc = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
     small = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
-    row_max = tl.full([BLOCK_N], MIN_SCALE, dtype=tl.float32)
+    # the teacher's sum scales its tiles online; the student's gb = q - p has |gb| <= 1
+    row_max = tl.full([BLOCK_N], MIN_SCALE if TEACHER else 1.0, dtype=tl.float32)
     zero = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
@@ -50,11 +51,13 @@ def _row_grads_kernel(grad_ptr, s2_ptr, s_inv_ptr, t2_ptr, t_inv_ptr, c2_ptr, c_
         # logit_grads with g = 1: g and the scales multiply the sum once, at the end
         ga, gb = logit_grads(a, b, lse_a[:, None], lse_b[:, None], expected[:, None], 1.0,
                              row_mask[:, None] & valid[None, :])
-        x = ga if TEACHER else gb
-        row_max, rescale, to_half = rescaled_max(row_max, tl.max(tl.abs(x), axis=1))
-        x_hi, x_lo = split_half(x * to_half[:, None])
-        acc, small = pair_dot_sum(x_hi, x_lo, c_hi, c_lo, acc * rescale[:, None],
-                                  small * rescale[:, None])
+        if TEACHER:
+            row_max, rescale, to_half = rescaled_max(row_max, tl.max(tl.abs(ga), axis=1))
+            acc, small = acc * rescale[:, None], small * rescale[:, None]
+            x_hi, x_lo = split_half(ga * to_half[:, None])
+        else:
+            x_hi, x_lo = split_half(gb * HALF_TOP)
+        acc, small = pair_dot_sum(x_hi, x_lo, c_hi, c_lo, acc, small)
     scale = (dot_scale * c_inv / HALF_TOP) * (g * row_max)[:, None]
     tl.store(out_ptr + rows[:, None].to(tl.int64) * D + dcols[None, :], scale * (acc + small),
              mask=row_mask[:, None] & (dcols[None, :] < D))
