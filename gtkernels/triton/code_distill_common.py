@@ -122,7 +122,10 @@ def _split_half_pairs_kernel(x_ptr, pairs_ptr, inv_ptr, amax_ptr, R, D, PER_ROW:
     hi, lo = split_half(x * scale[:, None])
     tl.store(pairs_ptr + offs, hi, mask=mask)
     tl.store(pairs_ptr + (rows[:, None].to(tl.int64) + R) * D + cols[None, :], lo, mask=mask)
-    tl.store(inv_ptr + rows, inv, mask=row_mask & (PER_ROW or rows == 0))
+    if PER_ROW:
+        tl.store(inv_ptr + rows, inv, mask=row_mask)
+    else:
+        tl.store(inv_ptr + rows, inv, mask=rows == 0)
 
 
 def split_half_pairs(x, per_row=True):
