@@ -670,7 +670,7 @@ def test_cuda_distill_scaled_inputs(metric):
     rows = torch.logspace(-3, 3, n, device="cuda")[torch.randperm(n, device="cuda"), None]
     codes = torch.logspace(-2, 2, num_codes, device="cuda")[:, None]
     s = torch.randn(n, 48, device="cuda") * rows
-    t = (s + 0.3 * torch.randn(n, 48, device="cuda") * rows)
+    t = s + 0.3 * torch.randn(n, 48, device="cuda") * rows
     c = torch.randn(num_codes, 48, device="cuda") * codes / 10
     inputs = [v.requires_grad_() for v in (s, t, c)]
     loss = gk.code_distill_loss(*inputs, temperature=0.7, metric=metric)

@@ -22,12 +22,6 @@ MIN_SCALE = tl.constexpr(2.0 ** -100)
 
 
 @triton.jit
-def load_rows(ptr, rows, mask_rows, cols, D):
-    return tl.load(ptr + rows[:, None].to(tl.int64) * D + cols[None, :],
-                   mask=mask_rows[:, None] & (cols[None, :] < D), other=0.0).to(tl.float32)
-
-
-@triton.jit
 def load_pair(ptr, inv_ptr, rows, mask_rows, cols, R, D):
     """Rows of a split operand (split_half_pairs: ptr [2, R, D] fp16, inv_ptr [R] fp32) ->
     hi, lo [BR, DP] fp16 and the rows' inverse scales [BR] fp32 (0 outside mask_rows)."""
@@ -72,8 +66,9 @@ def rescaled_max(running, tile_max):
     """Online power-of-two row scales for a running sum of products X Y over tiles whose rows
     of X have no known bound: running [R] (a power of two, MIN_SCALE at first) and the tile's
     largest |X| per row -> (new running scale, rescale = running / new for the accumulators,
-    HALF_TOP / new for the tile). X HALF_TOP / new lies in fp16's range; an element below
-    2**-27 of its row's largest so far errs by at most 2**-38 of it (fp32-sum-like)."""
+    HALF_TOP / new for the tile). X HALF_TOP / new lies in fp16's range, and split_half keeps
+    each element to 22 significant bits or to 2**-38 of its row's largest |X| so far, whichever
+    is coarser: an error on the scale of fp32 summation's."""
     bits = tl.maximum(running, tile_max).to(tl.uint32, bitcast=True)
     new = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)  # next power of two
     return new, running / new, (1.0 / new) * HALF_TOP
@@ -132,8 +127,8 @@ def split_half_pairs(x, per_row=True):
     """[R, D] float, contiguous -> (pairs fp16 [2, R, D], inv fp32 [R], or [1] with
     per_row=False): x = (hi + lo) inv to 22 significant bits, with hi = fp16(x / inv),
     lo = fp16(x / inv - hi) and inv the power of two that brings the row's (the tensor's)
-    largest |x| into [2**13, 2**14). An element below 2**-28 of that largest loses bits: its
-    absolute error stays under 2**-38 of the largest."""
+    largest |x| into [2**13, 2**14). Each element is kept to 22 significant bits or to 2**-38 of
+    that largest, whichever is coarser."""
     num_rows, dim = x.shape
     pairs = torch.empty((2, num_rows, dim), device=x.device, dtype=torch.float16)
     inv = torch.empty(num_rows if per_row else 1, device=x.device, dtype=torch.float32)
