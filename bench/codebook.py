@@ -153,18 +153,27 @@ def distill_problem(device, quick):
             "temperature": 1.0}
 
 
+def distill_args(inputs):
+    return inputs["student"], inputs["teacher"], inputs["codebook"], inputs["temperature"]
+
+
 def dense_sq_distances(x, codebook):
     return x.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * x @ codebook.T
+
+
+def dense_logits(x, codebook, temperature):
+    """[N, K] logits of the soft code assignment: -||x - c||^2 / T."""
+    return -dense_sq_distances(x, codebook) / temperature
 
 
 @impl(FAMILY, "dense log_softmax + kl_div", problems=["distill"])
 def dense_distill(inputs):
     """The teacher's assignment as log-probabilities (log_target=True): the leaner dense form."""
-    s, t, c, temp = inputs["student"], inputs["teacher"], inputs["codebook"], inputs["temperature"]
+    s, t, c, temp = distill_args(inputs)
 
     def loss():
-        log_q = F.log_softmax(-dense_sq_distances(s, c) / temp, dim=-1)
-        log_p = F.log_softmax(-dense_sq_distances(t, c) / temp, dim=-1)
+        log_q = F.log_softmax(dense_logits(s, c, temp), dim=-1)
+        log_p = F.log_softmax(dense_logits(t, c, temp), dim=-1)
         return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
     return loss
 
@@ -173,16 +182,16 @@ def dense_distill(inputs):
 def vqgraph_distill(inputs):
     """VQGraph's training loop: the teacher's assignment as probabilities (softmax) and
     kl_div's default probability target, which keeps p and takes its log inside kl_div."""
-    s, t, c, temp = inputs["student"], inputs["teacher"], inputs["codebook"], inputs["temperature"]
+    s, t, c, temp = distill_args(inputs)
 
     def loss():
-        log_q = F.log_softmax(-dense_sq_distances(s, c) / temp, dim=-1)
-        p = F.softmax(-dense_sq_distances(t, c) / temp, dim=-1)
+        log_q = F.log_softmax(dense_logits(s, c, temp), dim=-1)
+        p = F.softmax(dense_logits(t, c, temp), dim=-1)
         return F.kl_div(log_q, p, reduction="batchmean")
     return loss
 
 
 @impl(FAMILY, "gtkernels", ours=True, problems=["distill"])
 def gk_distill(inputs):
-    s, t, c, temp = inputs["student"], inputs["teacher"], inputs["codebook"], inputs["temperature"]
+    s, t, c, temp = distill_args(inputs)
     return lambda: gk.code_distill_loss(s, t, c, temperature=temp)

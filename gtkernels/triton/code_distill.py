@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .code_distill_common import launch, load_pair, pair_dot, split_half_pairs, tuned
+from .code_distill_common import (code_tile_logits, launch, load_row_pairs, split_half_pairs,
+                                  tuned)
 from .code_distill_split import split_backward
 from .norms import row_sq_norms
 
@@ -28,11 +29,8 @@ def _forward_kernel(s2_ptr, s_inv_ptr, t2_ptr, t_inv_ptr, c2_ptr, c_inv_ptr, cn_
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     dcols = tl.arange(0, DP)
-    t_hi, t_lo, t_inv = load_pair(t2_ptr, t_inv_ptr, rows, row_mask, dcols, N, D)
-    s_hi, s_lo, s_inv = load_pair(s2_ptr, s_inv_ptr, rows, row_mask, dcols, N, D)
-    c_inv = tl.load(c_inv_ptr)
-    t_scale = (dot_scale * c_inv * t_inv)[:, None]
-    s_scale = (dot_scale * c_inv * s_inv)[:, None]
+    t_hi, t_lo, t_scale, s_hi, s_lo, s_scale, _c_inv = load_row_pairs(
+        t2_ptr, t_inv_ptr, s2_ptr, s_inv_ptr, c_inv_ptr, rows, row_mask, dcols, N, D, dot_scale)
     zero = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     max_a = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     max_b = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
@@ -42,10 +40,9 @@ def _forward_kernel(s2_ptr, s_inv_ptr, t2_ptr, t_inv_ptr, c2_ptr, c_inv_ptr, cn_
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
         valid = codes < K
-        c_hi, c_lo, _ = load_pair(c2_ptr, c_inv_ptr, codes, valid, dcols, K, D)
-        norm = norm_scale * tl.load(cn_ptr + codes, mask=valid, other=0.0)[None, :]
-        a = pair_dot(t_hi, t_lo, tl.trans(c_hi), tl.trans(c_lo), zero) * t_scale - norm
-        b = pair_dot(s_hi, s_lo, tl.trans(c_hi), tl.trans(c_lo), zero) * s_scale - norm
+        a, b, _, _ = code_tile_logits(t_hi, t_lo, t_scale, s_hi, s_lo, s_scale, c2_ptr,
+                                      c_inv_ptr, cn_ptr, codes, valid, dcols, K, D, norm_scale,
+                                      zero)
         diff = a - b
         a = tl.where(valid[None, :], a, float("-inf"))
         b = tl.where(valid[None, :], b, float("-inf"))

@@ -33,6 +33,32 @@ def load_pair(ptr, inv_ptr, rows, mask_rows, cols, R, D):
 
 
 @triton.jit
+def load_row_pairs(t2_ptr, t_inv_ptr, s2_ptr, s_inv_ptr, c_inv_ptr, rows, row_mask, dcols, N, D,
+                   dot_scale):
+    """A block of rows of the teacher and the student (pairs [BN, DP] fp16) with the scales
+    [BN, 1] that turn their pair dots with codes into logits (dot_scale t_inv c_inv), and
+    c_inv."""
+    t_hi, t_lo, t_inv = load_pair(t2_ptr, t_inv_ptr, rows, row_mask, dcols, N, D)
+    s_hi, s_lo, s_inv = load_pair(s2_ptr, s_inv_ptr, rows, row_mask, dcols, N, D)
+    c_inv = tl.load(c_inv_ptr)
+    return (t_hi, t_lo, (dot_scale * c_inv * t_inv)[:, None], s_hi, s_lo,
+            (dot_scale * c_inv * s_inv)[:, None], c_inv)
+
+
+@triton.jit
+def code_tile_logits(t_hi, t_lo, t_scale, s_hi, s_lo, s_scale, c2_ptr, c_inv_ptr, cn_ptr, codes,
+                     valid, dcols, K, D, norm_scale, zero):
+    """Teacher and student logits a, b [BN, BK] of the rows (load_row_pairs) against a tile of
+    codes, and the codes' pairs: one computation for the forward and the row pass, so that the
+    backward's logits round as the forward's."""
+    c_hi, c_lo, _ = load_pair(c2_ptr, c_inv_ptr, codes, valid, dcols, K, D)
+    norm = norm_scale * tl.load(cn_ptr + codes, mask=valid, other=0.0)[None, :]
+    a = pair_dot(t_hi, t_lo, tl.trans(c_hi), tl.trans(c_lo), zero) * t_scale - norm
+    b = pair_dot(s_hi, s_lo, tl.trans(c_hi), tl.trans(c_lo), zero) * s_scale - norm
+    return a, b, c_hi, c_lo
+
+
+@triton.jit
 def pair_dot(a_hi, a_lo, b_hi, b_lo, zero):
     """a b from fp16 pairs: three dots into `zero`, the small terms first (a_lo b_hi, a_hi b_lo,
     then a_hi b_hi, the order of Triton's tf32x3)."""

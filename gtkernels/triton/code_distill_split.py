@@ -15,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .code_distill_common import (HALF_TOP, MIN_SCALE, launch, load_pair, logit_grads, pair_dot,
-                                  pair_dot_sum, pair_dot_transposed, rescaled_max, row_stats,
-                                  split_half, split_half_pairs, tuned)
+from .code_distill_common import (HALF_TOP, MIN_SCALE, code_tile_logits, launch, load_pair,
+                                  load_row_pairs, logit_grads, pair_dot_sum,
+                                  pair_dot_transposed, rescaled_max, row_stats, split_half,
+                                  split_half_pairs, tuned)
 
 
 @triton.jit
@@ -30,11 +31,8 @@ def _row_grads_kernel(grad_ptr, s2_ptr, s_inv_ptr, t2_ptr, t_inv_ptr, c2_ptr, c_
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     dcols = tl.arange(0, DP)
-    t_hi, t_lo, t_inv = load_pair(t2_ptr, t_inv_ptr, rows, row_mask, dcols, N, D)
-    s_hi, s_lo, s_inv = load_pair(s2_ptr, s_inv_ptr, rows, row_mask, dcols, N, D)
-    c_inv = tl.load(c_inv_ptr)
-    t_scale = (dot_scale * c_inv * t_inv)[:, None]
-    s_scale = (dot_scale * c_inv * s_inv)[:, None]
+    t_hi, t_lo, t_scale, s_hi, s_lo, s_scale, c_inv = load_row_pairs(
+        t2_ptr, t_inv_ptr, s2_ptr, s_inv_ptr, c_inv_ptr, rows, row_mask, dcols, N, D, dot_scale)
     lse_a, lse_b, expected, g = row_stats(stats_ptr, grad_ptr, rows, row_mask)
     acc = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
     small = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
@@ -44,10 +42,9 @@ def _row_grads_kernel(grad_ptr, s2_ptr, s_inv_ptr, t2_ptr, t_inv_ptr, c2_ptr, c_
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
         valid = codes < K
-        c_hi, c_lo, _ = load_pair(c2_ptr, c_inv_ptr, codes, valid, dcols, K, D)
-        norm = norm_scale * tl.load(cn_ptr + codes, mask=valid, other=0.0)[None, :]
-        a = pair_dot(t_hi, t_lo, tl.trans(c_hi), tl.trans(c_lo), zero) * t_scale - norm
-        b = pair_dot(s_hi, s_lo, tl.trans(c_hi), tl.trans(c_lo), zero) * s_scale - norm
+        a, b, c_hi, c_lo = code_tile_logits(t_hi, t_lo, t_scale, s_hi, s_lo, s_scale, c2_ptr,
+                                            c_inv_ptr, cn_ptr, codes, valid, dcols, K, D,
+                                            norm_scale, zero)
         # logit_grads with g = 1: g and the scales multiply the sum once, at the end
         ga, gb = logit_grads(a, b, lse_a[:, None], lse_b[:, None], expected[:, None], 1.0,
                              row_mask[:, None] & valid[None, :])
